@@ -1,0 +1,20 @@
+"""Grouped expert matmul: tokens sorted by expert times one weight per expert."""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x ``[N, Din]`` sorted by expert; w ``[E, Din, Dout]``; offs ``[E]`` int32 cumulative end
+    row of each expert's tokens (torch._grouped_mm's convention; an expert may get none).
+    Returns ``[N, Dout]``; rows past ``offs[-1]`` are zero."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or offs.numel() != w.shape[0]:
+        raise ValueError(f"grouped_mm: x {tuple(x.shape)}, w {tuple(w.shape)}, offs {tuple(offs.shape)} do not fit")
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
