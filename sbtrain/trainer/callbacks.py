@@ -1,0 +1,150 @@
+"""Trainer callbacks: JSONL metrics, rich console progress, wandb, the loss-curve plot.
+
+A callback sees the trainer at fixed points and never changes training; each is cheap when on.
+Only rank 0 logs (the trainer does not call callbacks on other ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("sbtrain.train")
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None: ...
+    def on_step_end(self, trainer, metrics: dict) -> None: ...
+    def on_eval(self, trainer, metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer, path: Path) -> None: ...
+    def on_fit_end(self, trainer) -> None: ...
+
+
+class JSONLMetrics(Callback):
+    """Appends one JSON object per logged step / evaluation to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_step_end(self, trainer, metrics):
+        self._write({"kind": "train", **metrics})
+
+    def on_eval(self, trainer, metrics):
+        self._write({"kind": "valid", **metrics})
+
+
+class ConsoleProgress(Callback):
+    """A rich progress bar with ETA and the latest loss; plain log lines when not a terminal."""
+
+    def __init__(self, every: int = 1):
+        self.every = every
+        self.progress = None
+        self.task = None
+
+    def on_fit_start(self, trainer):
+        import sys
+
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("", total=trainer.total_steps, completed=trainer.step)
+
+    def on_step_end(self, trainer, metrics):
+        text = (
+            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
+            f"{metrics['tokens_per_s']:.0f} tok/s mfu {metrics['mfu']:.1%}"
+        )
+        if self.progress is not None:
+            self.progress.update(self.task, completed=trainer.step, description=text)
+        elif trainer.step % self.every == 0 or trainer.step == trainer.total_steps:
+            log.info("step %d/%d %s", trainer.step, trainer.total_steps, text)
+
+    def on_eval(self, trainer, metrics):
+        msg = f"step {trainer.step}: validation loss {metrics['valid_loss']:.4f} (ppl {math.exp(min(metrics['valid_loss'], 50)):.1f})"
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        else:
+            log.info(msg)
+
+    def on_fit_end(self, trainer):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class WandbLogger(Callback):
+    """wandb, offline by default (``logger.wandb.mode=online`` to sync, ``disabled`` for none)."""
+
+    def __init__(self, mode: str, project: str, name: Optional[str], directory: str, config: dict):
+        self.mode, self.project, self.name, self.directory, self.config = mode, project, name, directory, config
+        self.run = None
+
+    def on_fit_start(self, trainer):
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.project, name=self.name, dir=self.directory, mode=self.mode, config=self.config, resume="allow"
+        )
+
+    def on_step_end(self, trainer, metrics):
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.step)
+
+    def on_eval(self, trainer, metrics):
+        if self.run is not None:
+            self.run.log({f"valid/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.step)
+
+    def on_fit_end(self, trainer):
+        if self.run is not None:
+            self.run.finish()
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Optional[Path]:
+    """Training and validation loss against step, from a metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, valid = [], []
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            train.append((rec["step"], rec["loss"]))
+        elif rec.get("kind") == "valid":
+            valid.append((rec["step"], rec["valid_loss"]))
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

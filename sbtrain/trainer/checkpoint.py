@@ -1,0 +1,273 @@
+"""Atomic, verifiable checkpoints on torch.distributed.checkpoint (DCP).
+
+Layout of ``<dir>``::
+
+    step_00000010/           one checkpoint: DCP shards (tensors only), state.json (everything
+        __0_0.distcp          that is not a tensor: step, loader state, RNG states, optimizer
+        .metadata             hyperparameters), meta.json (config, git revision), and
+        state.json            manifest.json (size + sha256 of every other file), written last
+        meta.json
+        manifest.json
+    latest                   name of the newest good checkpoint, replaced atomically
+
+A checkpoint is written into ``.step_XXXXXXXX.tmp`` and renamed when complete, so a crash at
+any moment leaves the previous checkpoint intact; ``latest`` is updated after the rename. On
+load, a checkpoint whose manifest is missing or does not match its files is skipped with a
+warning and the previous good one is used. Non-tensor values never go through DCP, which would
+pickle them: they are JSON, so loading a checkpoint never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+log = logging.getLogger("sbtrain.checkpoint")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+SEP = "/"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts -> one level with ``/``-joined keys (lists and scalars are leaves)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + SEP))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(SEP)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    raise CheckpointError(f"cannot store {type(value).__name__} in a checkpoint: only tensors and JSON values")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if the checkpoint at ``path`` is complete and intact, else the reason it is not."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, manifest says {entry['size']}"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+class Checkpointer:
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, async_save: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 (the last good checkpoint is kept)")
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, step: int, state: dict, meta: dict) -> Path:
+        """Write ``state`` (nested dicts of tensors and JSON values) as checkpoint ``step``."""
+        self.wait()
+        flat = flatten(state)
+        tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        others = {k: _jsonable(v) for k, v in flat.items() if not isinstance(v, torch.Tensor)}
+        if self.async_save:
+            # Snapshot the tensors now so training can go on while the copy is written.
+            tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+            self._pending = threading.Thread(target=self._save_guarded, args=(step, tensors, others, meta), daemon=True)
+            self._pending.start()
+        else:
+            self._save(step, tensors, others, meta)
+        return self.dir / f"step_{step:08d}"
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has finished; re-raise its error."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"asynchronous checkpoint save failed: {error}") from error
+
+    def _save_guarded(self, *args) -> None:
+        try:
+            self._save(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported by wait()
+            self._error = exc
+
+    def _save(self, step: int, tensors: dict, others: dict, meta: dict) -> None:
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if _rank0():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        with warnings.catch_warnings():  # "assuming single process" when no process group: intended
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+            dcp.save(tensors, checkpoint_id=str(tmp))
+        _barrier()
+        if _rank0():
+            (tmp / "state.json").write_text(json.dumps(others))
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
+            files = {
+                f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+            }
+            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step: move the old copy aside first, then drop it
+                trash = self.dir / f".{name}.old"
+                shutil.rmtree(trash, ignore_errors=True)
+                final.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            tmp.rename(final)
+            latest_tmp = self.dir / ".latest.tmp"
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, self.dir / "latest")
+            self._prune(keep=final)
+            log.info("checkpoint saved: %s", final)
+        _barrier()
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(self.list(), key=lambda p: p.name)
+        for old in steps[: max(len(steps) - self.keep_last, 0)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- loading ------------------------------------------------------------------------------
+    def list(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to try, newest first: ``latest``, then every step directory."""
+        ordered = sorted(self.list(), key=lambda p: p.name, reverse=True)
+        latest = self.dir / "latest"
+        if latest.is_file():
+            named = self.dir / latest.read_text().strip()
+            if named in ordered:
+                ordered.remove(named)
+                ordered.insert(0, named)
+        return ordered
+
+    def load(self, state: dict, path: Optional[str | os.PathLike] = None) -> Optional[dict]:
+        """Load into ``state`` (same structure as saved; tensors loaded in place) and return the
+        checkpoint's meta, or None when there is no checkpoint. With ``path``, only that one."""
+        tried = [Path(path)] if path is not None else self.candidates()
+        for candidate in tried:
+            reason = verify(candidate)
+            if reason is not None:
+                if path is not None:
+                    raise CheckpointError(f"checkpoint {candidate} is not usable: {reason}")
+                log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, reason)
+                continue
+            return self._load(candidate, state)
+        return None
+
+    def _load(self, path: Path, state: dict) -> dict:
+        flat = flatten(state)
+        tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        others = json.loads((path / "state.json").read_text())
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        missing = sorted(k for k in flat if k not in saved and k not in others)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} lacks {len(missing)} entries the current run needs (e.g. {missing[:3]}): "
+                "is it from another model or config?"
+            )
+        for key, tensor in tensors.items():
+            size = getattr(saved[key], "size", None)
+            if size is not None and tuple(size) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint {path}: {key} has shape {tuple(size)}, this run expects {tuple(tensor.shape)}; "
+                    "is it from another model?"
+                )
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+                dcp.load(tensors, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as exc:  # DCP names the mismatch; add what to check
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({exc}); is it from another model?") from exc
+        flat.update(tensors)
+        flat.update({k: others[k] for k in flat if k in others})
+        restored = unflatten(flat)
+        state.clear()
+        state.update(restored)
+        meta = json.loads((path / "meta.json").read_text())
+        meta["path"] = str(path)
+        return meta

@@ -1,0 +1,318 @@
+"""The Trainer: owns the loop, the optimizer step, evaluation and checkpoints.
+
+Vocabulary (Megatron's): a *global batch* of ``global_batch_size`` sequences makes one
+optimizer step; each data-parallel rank takes ``global_batch_size / dp`` of them in micro
+batches of ``micro_batch_size``; gradient accumulation is what is left over. The loss of a
+step is the sum of token losses over the global batch divided by the number of target tokens
+in the global batch, whatever the layout, so changing micro batch or DP size changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from sbtrain.trainer.callbacks import Callback
+from sbtrain.trainer.checkpoint import Checkpointer
+from sbtrain.trainer.optim import lr_at, set_lr
+
+log = logging.getLogger("sbtrain.train")
+
+
+class TrainData(Protocol):
+    def next_global_batch(self) -> list[dict]: ...  # this rank's micro batches of the next step
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepStats:
+    loss: float
+    tokens: int
+    aux_loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg,  # TrainerConfig
+        optim_cfg,  # OptimConfig
+        train_data: TrainData,
+        valid_data: Optional[Any] = None,  # has .batches() -> Iterable[dict]
+        checkpointer: Optional[Checkpointer] = None,
+        checkpoint_every: int = 0,
+        callbacks: Iterable[Callback] = (),
+        flops_per_token: float = 0.0,
+        peak_flops: float = float("nan"),
+        meta: Optional[dict] = None,
+        dp_group=None,
+    ):
+        self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
+        self.train_data, self.valid_data = train_data, valid_data
+        self.checkpointer, self.checkpoint_every = checkpointer, checkpoint_every
+        self.callbacks = list(callbacks) if self._rank0 else []
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.meta = meta or {}
+        self.dp_group = dp_group
+        self.step = 0  # optimizer steps taken
+        self.tokens = 0  # target tokens trained on
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        self.total_steps = self._total_steps()
+        self._stop_signal: Optional[int] = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def _rank0(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size(self.dp_group) if dist.is_initialized() else 1
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return int(self.cfg.max_steps)
+        if self.cfg.max_tokens is not None:
+            return max(1, math.ceil(self.cfg.max_tokens / self.tokens_per_step))
+        raise ValueError("set trainer.max_steps or trainer.max_tokens (how long to train)")
+
+    def state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "data": self.train_data.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "tokens": self.tokens,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "rng_torch": torch.get_rng_state(),
+                "rng_python": _python_rng_to_json(random.getstate()),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.train_data.load_state_dict(state["data"])
+        t = state["trainer"]
+        self.step, self.tokens = int(t["step"]), int(t["tokens"])
+        self.skipped_steps, self.consecutive_nonfinite = int(t["skipped_steps"]), int(t["consecutive_nonfinite"])
+        torch.set_rng_state(t["rng_torch"])
+        random.setstate(_python_rng_from_json(t["rng_python"]))
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is None:
+            return
+        path = self.checkpointer.save(self.step, self.state_dict(), {"tokens": self.tokens, **self.meta})
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+
+    def maybe_resume(self, resume: str) -> Optional[dict]:
+        """``auto``: newest good checkpoint if any; ``never``; or a checkpoint path."""
+        if self.checkpointer is None or resume == "never":
+            return None
+        state = self.state_dict()
+        meta = self.checkpointer.load(state, None if resume == "auto" else resume)
+        if meta is not None:
+            self.load_state_dict(state)
+            log.info("resumed from %s at step %d (%d tokens)", meta["path"], self.step, self.tokens)
+        return meta
+
+    # -- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return previous
+
+    # -- the step -------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            device_type = next(self.model.parameters()).device.type
+            return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type="cpu", enabled=False)
+
+    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(value, group=self.dp_group)
+        return value
+
+    def train_step(self, micro_batches: list[dict]) -> StepStats:
+        device = next(self.model.parameters()).device
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
+        if global_tokens == 0:
+            raise ValueError(f"step {self.step + 1}: the global batch has no target tokens (all labels are -100)")
+        # Gradients are summed over DP ranks by the data-parallel wrapper's mean times dp_size.
+        scale = self.dp_size / global_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        for mb in micro_batches:
+            mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+            with self._autocast():
+                out = self.model(**mb)
+            objective = out.loss_sum * scale
+            if out.aux_loss is not None and torch.is_tensor(out.aux_loss):
+                objective = objective + out.aux_loss / len(micro_batches)  # mean over micro batches
+                aux_sum += out.aux_loss.detach().double() / len(micro_batches)
+            objective.backward()
+            loss_sum += out.loss_sum.detach().double()
+        loss_sum = self._all_reduce(loss_sum)
+        loss = (loss_sum / global_tokens).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.clip_grad or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.optim_cfg))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        if self.valid_data is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.float64)
+        for i, mb in enumerate(self.valid_data.batches()):
+            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                break
+            mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+            with self._autocast():
+                out = self.model(**mb)
+            loss_sum += out.loss_sum.double()
+            tokens += out.num_tokens
+        self.model.train(was_training)
+        loss_sum, tokens = self._all_reduce(loss_sum), self._all_reduce(tokens)
+        metrics = {"step": self.step, "tokens": self.tokens, "valid_loss": (loss_sum / tokens.clamp(min=1)).item()}
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train until ``total_steps``; returns a summary. A SIGTERM / SIGUSR1 checkpoints and
+        returns with ``stopped_by`` set (the launcher exits 0 and Slurm requeues)."""
+        previous = self._install_signal_handlers()
+        self.model.train()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        summary: dict = {"first_valid_loss": None, "last_valid_loss": None, "stopped_by": None}
+        try:
+            if self.cfg.eval_every and self.step == 0:
+                first = self.evaluate()
+                summary["first_valid_loss"] = first and first["valid_loss"]
+            while self.step < self.total_steps:
+                start = time.perf_counter()
+                stats = self.train_step(self.train_data.next_global_batch())
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                self._after_step(stats, elapsed)
+                if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
+                    last = self.evaluate()
+                    summary["last_valid_loss"] = last and last["valid_loss"]
+                if self._stop_signal is not None:
+                    summary["stopped_by"] = signal.Signals(self._stop_signal).name
+                    log.warning("received %s at step %d: checkpointing and stopping", summary["stopped_by"], self.step)
+                    self.save_checkpoint()
+                    break
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            else:
+                if self.checkpointer is not None and (not self.checkpoint_every or self.step % self.checkpoint_every):
+                    self.save_checkpoint()
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        summary.update(step=self.step, tokens=self.tokens, skipped_steps=self.skipped_steps)
+        return summary
+
+    def _after_step(self, stats: StepStats, elapsed: float) -> None:
+        if stats.skipped:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped",
+                        self.step, stats.loss, stats.grad_norm)
+            if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive non-finite steps ending at step {self.step}: "
+                    "lower optim.lr, raise optim.warmup_steps, check the data near this step, or train in fp32 "
+                    "(trainer.precision=fp32); trainer.max_consecutive_nonfinite sets how many are tolerated"
+                )
+        else:
+            self.consecutive_nonfinite = 0
+            self.tokens += stats.tokens
+        tokens_per_s = self.tokens_per_step / elapsed
+        flops = self.flops_per_token * tokens_per_s
+        metrics = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": stats.loss,
+            "aux_loss": stats.aux_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": stats.grad_norm,
+            "skipped": int(stats.skipped),
+            "skipped_steps": self.skipped_steps,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+            "tflops": flops / 1e12,
+            "mfu": flops / self.peak_flops if self.peak_flops and math.isfinite(self.peak_flops) else float("nan"),
+            "memory_gb": _memory_gb(next(self.model.parameters()).device),
+        }
+        for cb in self.callbacks:
+            cb.on_step_end(self, metrics)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
