@@ -10,13 +10,14 @@ EXTRAS     ?= dev
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench-ops lint clean help
+.PHONY: install test train bench-ops bench-train lint clean help
 
 help:
 	@echo "make install    create $(VENV) and install sbtrain with pinned dependencies"
 	@echo "make test       run the whole test suite (CPU, gloo for multi-process tests)"
 	@echo "make train      train the tiny hybrid model on the bundled corpus (CPU)"
 	@echo "make bench-ops  operator benchmark: chunked GLA vs causal SDPA (CPU)"
+	@echo "make bench-train training tokens/s: sb7b_tiny, qwen2_tiny, HF Qwen2 (CPU)"
 
 install: $(VENV)/.installed
 
@@ -30,11 +31,25 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: install
 	$(CPU_ALLOC) $(PY) -m pytest -q $(PYTEST_ARGS)
 
-train: install
-	@echo "make train arrives with the trainer (issue #3); see README 'Status'." && exit 1
+# make train: bundled corpus (the Python standard library's source) -> BPE 8192 -> sb7b_tiny.
+STDLIB     := data/stdlib
+TRAIN_ARGS ?=
+
+$(STDLIB)/corpus.jsonl: | install
+	$(PY) -m sbtrain.data.stdlib_corpus --out $@
+
+$(STDLIB)/tokenized/manifest.json: $(STDLIB)/corpus.jsonl
+	$(PY) -m sbtrain.cli.data data.paths=[$(STDLIB)/corpus.jsonl] data.output=$(STDLIB)/tokenized \
+		data.overwrite=true data.num_proc=2 tokenizer=train_bpe tokenizer.vocab_size=8192
+
+train: install $(STDLIB)/tokenized/manifest.json
+	$(CPU_ALLOC) $(PY) -m sbtrain.train experiment=tiny_cpu $(TRAIN_ARGS)
 
 bench-ops: install
 	$(CPU_ALLOC) $(PY) benchmarks/ops.py
+
+bench-train: install
+	$(CPU_ALLOC) $(PY) benchmarks/train_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check sbtrain parallel operators tests benchmarks

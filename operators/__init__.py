@@ -9,4 +9,4 @@ from operators import ops
 from operators.platform import communication_backend, default_device, detect_platform, platform_of
 from operators.registry import OPS, Backend, Op
 
-__all__ = ["ops", "OPS", "Op", "Backend", "detect_platform", "platform_of", "default_device", "communication_backend"]
+__all__ = ["OPS", "Backend", "Op", "communication_backend", "default_device", "detect_platform", "ops", "platform_of"]

@@ -20,4 +20,4 @@ grouped_mm = define_op("grouped_mm", grouped_mm_reference)
 linear_cross_entropy = define_op("linear_cross_entropy", linear_cross_entropy_reference)
 
 # Backends register on import (keep this list in step with docs/ARCHITECTURE.md).
-from operators import backends  # noqa: E402,F401
+from operators import backends  # noqa: F401

@@ -30,7 +30,7 @@ def _looks_like_maca() -> bool:
     return "metax" in name or "mxc" in name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect_platform() -> str:
     """The platform this process runs on; ``SBTRAIN_PLATFORM`` overrides the probe."""
     forced = os.environ.get("SBTRAIN_PLATFORM", "").strip().lower()

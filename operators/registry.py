@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ def _always() -> bool:
     return True
 
 
-def _accept_all(*args, **kwargs) -> Optional[str]:
+def _accept_all(*args, **kwargs) -> str | None:
     return None
 
 
@@ -38,8 +38,8 @@ class Backend:
     priority: int = 0
     platforms: tuple = PLATFORMS
     is_available: Callable[[], bool] = _always
-    accepts: Callable[..., Optional[str]] = _accept_all
-    _available: Optional[bool] = field(default=None, repr=False)
+    accepts: Callable[..., str | None] = _accept_all
+    _available: bool | None = field(default=None, repr=False)
 
     def available(self) -> bool:
         if self._available is None:

@@ -10,8 +10,6 @@ Tq = Tk) keeps attention inside documents.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -30,11 +28,15 @@ def check_attention_args(q, k, v, causal, window, sink_k, sink_v, cu_seqlens) ->
         raise ValueError("attention: give both sink_k and sink_v, or neither")
     if sink_k is not None and (sink_k.dim() != 3 or sink_k.shape[1:] != (Hkv, D) or sink_v.shape[:2] != sink_k.shape[:2]):
         raise ValueError(f"attention: sinks must be [S,{Hkv},{D}]; got {tuple(sink_k.shape)}")
-    if cu_seqlens is not None and (B != 1 or Tq != Tk):
-        raise ValueError(f"attention: cu_seqlens needs B=1 and Tq=Tk; got B={B}, Tq={Tq}, Tk={Tk}")
+    if cu_seqlens is not None:
+        if B != 1 or Tq != Tk:
+            raise ValueError(f"attention: cu_seqlens needs B=1 and Tq=Tk; got B={B}, Tq={Tq}, Tk={Tk}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != Tk or any(b > a for a, b in zip(bounds[1:], bounds)):
+            raise ValueError(f"attention: cu_seqlens must rise from 0 to T={Tk}; got {bounds}")
 
 
-def attention_mask(Tq, Tk, causal, window, cu_seqlens, device) -> Optional[torch.Tensor]:
+def attention_mask(Tq, Tk, causal, window, cu_seqlens, device) -> torch.Tensor | None:
     """Boolean ``[Tq, Tk]`` mask, True where a query may attend; None when all may."""
     if not causal and cu_seqlens is None:
         return None
@@ -59,11 +61,11 @@ def attention_reference(
     v: torch.Tensor,
     *,
     causal: bool = True,
-    window: Optional[int] = None,
-    sink_k: Optional[torch.Tensor] = None,
-    sink_v: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
+    window: int | None = None,
+    sink_k: torch.Tensor | None = None,
+    sink_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention by explicit scores (O(Tq*Tk) memory): the oracle, not a fast path."""
     check_attention_args(q, k, v, causal, window, sink_k, sink_v, cu_seqlens)
@@ -78,9 +80,10 @@ def attention_reference(
         if mask is not None:
             mask = torch.cat([mask.new_ones(Tq, S), mask], dim=1)
     rep = Hq // Hkv
-    qf = q.float().transpose(1, 2)  # B,Hq,Tq,D
-    kf = k.float().repeat_interleave(rep, dim=2).transpose(1, 2)
-    vf = v.float().repeat_interleave(rep, dim=2).transpose(1, 2)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math, fp64 when the oracle runs in fp64
+    qf = q.to(acc).transpose(1, 2)  # B,Hq,Tq,D
+    kf = k.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
+    vf = v.to(acc).repeat_interleave(rep, dim=2).transpose(1, 2)
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -1,1 +1,157 @@
-"""(being written)"""
+"""Chunked gated linear attention: backend ``chunked`` of ``ops.gla`` (cpu, cuda, maca).
+
+Same signature and semantics as ``operators.gla.reference.gla_reference``. The training path is
+a custom ``autograd.Function`` whose backward recomputes the chunk states and runs a reverse
+scan for dS (autograd through a chunk loop costs 3-15x the forward on CPU, DESIGN.md §7). The
+math lives in ``chunk_kernels``; this module packs tokens into chunks and back.
+
+Documents (``cu_seqlens``) are handled per segment: each document is copied to start on a chunk
+edge and zero-padded to whole chunks, so no chunk mixes documents and the state simply
+restarts at each document's first chunk. Zero keys and zero log-decay on padding leave the
+state unchanged. The cost is up to C-1 padding tokens per document.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+
+from operators.gla import chunk_kernels as K
+from operators.gla.reference import check_gla_args
+from operators.ops import gla
+from operators.registry import Backend
+
+DEFAULT_CHUNK = 64
+
+
+def _segments(B: int, T: int, C: int, cu_seqlens):
+    """[(row in input, start, end, packed row, first chunk)], packed rows, chunks per row, Plan."""
+    if cu_seqlens is None:
+        N = max(1, -(-T // C))
+        segs = [(b, 0, T, b, 0) for b in range(B)]
+        starts = {0: [(b, b) for b in range(B)]}
+        ends = {N - 1: [(b, b) for b in range(B)]}
+        doc_end = [N] * N
+        return segs, B, N, K.Plan(starts, ends, torch.tensor(doc_end), B)
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in pairwise(bounds)):
+        raise ValueError(
+            f"gla: cu_seqlens must rise from 0 to T={T} (document boundaries of the packed row); got {bounds}"
+        )
+    segs, starts, ends, doc_end, c0 = [], {}, {}, [], 0
+    for doc, (s, e) in enumerate(pairwise(bounds)):
+        n = max(1, -(-(e - s) // C))  # an empty document still gets its (initial) final state
+        segs.append((0, s, e, 0, c0))
+        starts.setdefault(c0, []).append((0, doc))
+        ends.setdefault(c0 + n - 1, []).append((0, doc))
+        doc_end += [c0 + n] * n
+        c0 += n
+    return segs, 1, c0, K.Plan(starts, ends, torch.tensor(doc_end), len(bounds) - 1)
+
+
+def _pack(x, segs, R, N, C, H, G, D):
+    """x [B,T,H*G,D] -> fp32 [N,R,H,G,C,D] (one copy; padding zeroed). A strided view instead of
+    the copy (fp32, no documents, whole chunks) measured no faster on this CPU, so we always copy."""
+    buf = torch.empty(N, R, H, G, C, D, dtype=torch.float32, device=x.device)
+    w = buf.permute(1, 0, 4, 2, 3, 5)  # [R,N,C,H,G,D] view of the buffer
+    for b, s, e, r, c0 in segs:
+        L = e - s
+        f, rem = divmod(L, C)
+        if f:
+            w[r, c0 : c0 + f].copy_(x[b, s : s + f * C].reshape(f, C, H, G, D))
+        if rem or not L:
+            w[r, c0 + f, :rem].copy_(x[b, s + f * C : e].reshape(rem, H, G, D))
+            w[r, c0 + f, rem:].zero_()
+    return buf
+
+
+def _unpack(buf, segs, B, T, C, dtype):
+    """fp32 [N,R,H,G,C,D] -> [B,T,H*G,D] in ``dtype``."""
+    _, _, H, G, _, D = buf.shape
+    out = torch.empty(B, T, H * G, D, dtype=dtype, device=buf.device)
+    w = buf.permute(1, 0, 4, 2, 3, 5)
+    for b, s, e, r, c0 in segs:
+        f, rem = divmod(e - s, C)
+        if f:
+            out[b, s : s + f * C].view(f, C, H, G, D).copy_(w[r, c0 : c0 + f])
+        if rem:
+            out[b, s + f * C : e].view(rem, H, G, D).copy_(w[r, c0 + f, :rem])
+    return out
+
+
+class _Packed:
+    def __init__(self, q, k, v, g, scale, C, cu_seqlens):
+        B, T, Hq, Dk = q.shape
+        H, Dv = k.shape[2], v.shape[-1]
+        self.B, self.T, self.C, self.G, self.H = B, T, C, Hq // H, H
+        self.segs, self.R, self.N, self.plan = _segments(B, T, C, cu_seqlens)
+        self.plan.doc_end = self.plan.doc_end.to(q.device)
+        pk = lambda x, G, D: _pack(x, self.segs, self.R, self.N, C, H, G, D)
+        self.q = pk(q, self.G, Dk)
+        self.k = pk(k, 1, Dk).squeeze(3)
+        self.v = pk(v, 1, Dv).squeeze(3)
+        self.g = pk(g if g.dim() == 4 else g.unsqueeze(-1), 1, g.shape[-1] if g.dim() == 4 else 1).squeeze(3)
+        # Decays (g <= 0) let the kernel read b's range off the chunk ends instead of reducing.
+        self.monotone = bool(g.max() <= 0) if g.numel() else True
+
+    def unpack(self, x6, dtype):
+        return _unpack(x6, self.segs, self.B, self.T, self.C, dtype)
+
+
+class ChunkedGLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, cu_seqlens):
+        p = _Packed(q, k, v, g, scale, chunk_size, cu_seqlens)
+        init = None if initial_state is None else initial_state.float()
+        o, finals = K.forward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.cfg = (scale, chunk_size, cu_seqlens)
+        ctx.set_materialize_grads(False)  # an unused final state needs no zero tensor
+        return p.unpack(o.view(p.N, p.R, p.H, p.G, p.C, -1), q.dtype), finals
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, initial_state = ctx.saved_tensors
+        scale, C, cu_seqlens = ctx.cfg
+        p = _Packed(q, k, v, g, scale, C, cu_seqlens)
+        init = None if initial_state is None else initial_state.float()
+        if do is None:
+            do = torch.zeros(p.B, p.T, q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
+        do6 = _pack(do, p.segs, p.R, p.N, C, p.H, p.G, do.shape[-1])
+        need_dinit = initial_state is not None and ctx.needs_input_grad[4]
+        dfinal = None if dfinal is None else dfinal.float()
+        dq, dk, dv, dg, dinit = K.backward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone, do6, dfinal, need_dinit)
+        dq = p.unpack(dq, q.dtype)
+        dk = p.unpack(dk.unsqueeze(3), k.dtype)
+        dv = p.unpack(dv.view(p.N, p.R, p.H, 1, C, -1), v.dtype)
+        dg = p.unpack(dg.unsqueeze(3), g.dtype)
+        if g.dim() == 3:
+            dg = dg.squeeze(-1)
+        if dinit is not None:
+            dinit = dinit.to(initial_state.dtype)
+        return dq, dk, dv, dg, dinit, None, None, None
+
+
+def gla_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+):
+    """Chunked GLA; see ``gla_reference`` for the contract. Internal math is fp32."""
+    check_gla_args(q, k, v, g, initial_state, cu_seqlens)
+    if int(chunk_size) < 1:
+        raise ValueError(f"gla: chunk_size must be a positive number of tokens, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, final = ChunkedGLA.apply(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens)
+    return o, (final if output_final_state else None)
+
+
+gla.register(Backend(name="chunked", fn=gla_chunked, priority=10, platforms=("cpu", "cuda", "maca")))

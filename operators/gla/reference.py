@@ -9,8 +9,6 @@ fla and flash-attn varlen: the state restarts from ``initial_state[n]`` (or zero
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -32,8 +30,12 @@ def check_gla_args(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
         raise ValueError(f"gla: {Hq} query heads must be a multiple of {Hkv} key/value heads (v has {v.shape[2]})")
     if g.shape[:3] != k.shape[:3] or (g.dim() == 4 and g.shape[-1] != Dk):
         raise ValueError(f"gla: gate {tuple(g.shape)} must be [B,T,Hkv] or [B,T,Hkv,Dk] for k {tuple(k.shape)}")
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"gla: cu_seqlens needs batch size 1 (packed), got B={B}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"gla: cu_seqlens needs batch size 1 (packed), got B={B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds)):
+            raise ValueError(f"gla: cu_seqlens must rise from 0 to T={T} (document boundaries of the packed row); got {bounds}")
     n = (cu_seqlens.numel() - 1) if cu_seqlens is not None else B
     if initial_state is not None and tuple(initial_state.shape) != (n, Hkv, Dk, v.shape[-1]):
         raise ValueError(
@@ -41,24 +43,26 @@ def check_gla_args(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
         )
 
 
-def segments(T: int, B: int, cu_seqlens: Optional[torch.Tensor]) -> list[tuple[int, int, int]]:
-    """(sequence index, batch row, start, end) list as (n, b, s, e) flattened for loops."""
+def segments(T: int, B: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+    """``(sequence index n, batch row b, start, end)`` of every sequence the state runs over."""
     if cu_seqlens is None:
         return [(b, b, 0, T) for b in range(B)]
     bounds = cu_seqlens.tolist()
     return [(n, 0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
 
 
-def gla_step_reference(q, k, v, g, state, scale: Optional[float] = None):
+def gla_step_reference(q, k, v, g, state, scale: float | None = None):
     """One decode step. q ``[B,Hq,Dk]``, k/g ``[B,Hkv,Dk]`` (g may be ``[B,Hkv]``), v ``[B,Hkv,Dv]``,
-    state ``[B,Hkv,Dk,Dv]`` (fp32). Returns (o ``[B,Hq,Dv]`` in q's dtype, new fp32 state)."""
+    state ``[B,Hkv,Dk,Dv]`` (fp32). Returns (o ``[B,Hq,Dv]`` in q's dtype, new state in fp32, or fp64
+    for fp64 inputs)."""
     B, Hq, Dk = q.shape
     Hkv = k.shape[1]
     scale = Dk**-0.5 if scale is None else scale
     if g.dim() == 2:
         g = g.unsqueeze(-1).expand_as(k)
-    state = state.float() * g.float().exp().unsqueeze(-1) + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
-    qg = q.float().view(B, Hkv, Hq // Hkv, Dk) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math; fp64 when run as the fp64 oracle
+    state = state.to(acc) * g.to(acc).exp().unsqueeze(-1) + k.to(acc).unsqueeze(-1) * v.to(acc).unsqueeze(-2)
+    qg = q.to(acc).view(B, Hkv, Hq // Hkv, Dk) * scale
     o = torch.einsum("bhgk,bhkv->bhgv", qg, state).reshape(B, Hq, -1)
     return o.to(q.dtype), state
 
@@ -69,10 +73,10 @@ def gla_reference(
     v: torch.Tensor,
     g: torch.Tensor,
     *,
-    scale: Optional[float] = None,
-    initial_state: Optional[torch.Tensor] = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ):
     """Gated linear attention, token by token (the reference for every backend).
@@ -86,16 +90,17 @@ def gla_reference(
     B, T, Hq, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[-1]
     g = expand_gate(g, k)
-    o = q.new_zeros(B, T, Hq, Dv, dtype=torch.float32)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    o = q.new_zeros(B, T, Hq, Dv, dtype=acc)
     finals = []
     for n, b, s, e in segments(T, B, cu_seqlens):
         if initial_state is not None:
-            state = initial_state[n].float().unsqueeze(0)
+            state = initial_state[n].to(acc).unsqueeze(0)
         else:
-            state = q.new_zeros(1, Hkv, Dk, Dv, dtype=torch.float32)
+            state = q.new_zeros(1, Hkv, Dk, Dv, dtype=acc)
         for t in range(s, e):
             out, state = gla_step_reference(q[b : b + 1, t], k[b : b + 1, t], v[b : b + 1, t], g[b : b + 1, t], state, scale)
-            o[b, t] = out[0].float()
+            o[b, t] = out[0].to(acc)
         finals.append(state[0])
     final = torch.stack(finals) if output_final_state else None
     return o.to(q.dtype), final

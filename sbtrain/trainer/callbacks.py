@@ -11,7 +11,6 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger("sbtrain.train")
 
@@ -93,7 +92,7 @@ class ConsoleProgress(Callback):
 class WandbLogger(Callback):
     """wandb, offline by default (``logger.wandb.mode=online`` to sync, ``disabled`` for none)."""
 
-    def __init__(self, mode: str, project: str, name: Optional[str], directory: str, config: dict):
+    def __init__(self, mode: str, project: str, name: str | None, directory: str, config: dict):
         self.mode, self.project, self.name, self.directory, self.config = mode, project, name, directory, config
         self.run = None
 
@@ -120,7 +119,7 @@ class WandbLogger(Callback):
             self.run.finish()
 
 
-def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Optional[Path]:
+def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
     """Training and validation loss against step, from a metrics.jsonl, as a PNG."""
     import matplotlib
 

@@ -28,7 +28,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,7 +108,7 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path) -> str | None:
     """None if the checkpoint at ``path`` is complete and intact, else the reason it is not."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
@@ -135,8 +135,8 @@ class Checkpointer:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
-        self._pending: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, step: int, state: dict, meta: dict) -> Path:
@@ -225,7 +225,7 @@ class Checkpointer:
                 ordered.insert(0, named)
         return ordered
 
-    def load(self, state: dict, path: Optional[str | os.PathLike] = None) -> Optional[dict]:
+    def load(self, state: dict, path: str | os.PathLike | None = None) -> dict | None:
         """Load into ``state`` (same structure as saved; tensors loaded in place) and return the
         checkpoint's meta, or None when there is no checkpoint. With ``path``, only that one."""
         tried = [Path(path)] if path is not None else self.candidates()

@@ -7,7 +7,7 @@ step and the learning rate follows exactly.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -15,8 +15,9 @@ import random
 import resource
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -57,13 +58,13 @@ class Trainer:
         cfg,  # TrainerConfig
         optim_cfg,  # OptimConfig
         train_data: TrainData,
-        valid_data: Optional[Any] = None,  # has .batches() -> Iterable[dict]
-        checkpointer: Optional[Checkpointer] = None,
+        valid_data: Any | None = None,  # has .batches() -> Iterable[dict]
+        checkpointer: Checkpointer | None = None,
         checkpoint_every: int = 0,
         callbacks: Iterable[Callback] = (),
         flops_per_token: float = 0.0,
         peak_flops: float = float("nan"),
-        meta: Optional[dict] = None,
+        meta: dict | None = None,
         dp_group=None,
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
@@ -79,7 +80,8 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         self.total_steps = self._total_steps()
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int | None = None
+        self._saved_step: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -127,10 +129,11 @@ class Trainer:
         if self.checkpointer is None:
             return
         path = self.checkpointer.save(self.step, self.state_dict(), {"tokens": self.tokens, **self.meta})
+        self._saved_step = self.step
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
 
-    def maybe_resume(self, resume: str) -> Optional[dict]:
+    def maybe_resume(self, resume: str) -> dict | None:
         """``auto``: newest good checkpoint if any; ``never``; or a checkpoint path."""
         if self.checkpointer is None or resume == "never":
             return None
@@ -138,6 +141,7 @@ class Trainer:
         meta = self.checkpointer.load(state, None if resume == "auto" else resume)
         if meta is not None:
             self.load_state_dict(state)
+            self._saved_step = self.step
             log.info("resumed from %s at step %d (%d tokens)", meta["path"], self.step, self.tokens)
         return meta
 
@@ -201,7 +205,7 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> Optional[dict]:
+    def evaluate(self) -> dict | None:
         if self.valid_data is None:
             return None
         was_training = self.model.training
@@ -246,15 +250,16 @@ class Trainer:
                 if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
                     last = self.evaluate()
                     summary["last_valid_loss"] = last and last["valid_loss"]
-                if self._stop_signal is not None:
-                    summary["stopped_by"] = signal.Signals(self._stop_signal).name
-                    log.warning("received %s at step %d: checkpointing and stopping", summary["stopped_by"], self.step)
+                if self._stop_signal is not None or self.step == self.cfg.exit_at_step:
+                    reason = signal.Signals(self._stop_signal).name if self._stop_signal else "exit_at_step"
+                    summary["stopped_by"] = reason
+                    log.warning("stopping at step %d (%s): checkpointing", self.step, reason)
                     self.save_checkpoint()
                     break
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
             else:
-                if self.checkpointer is not None and (not self.checkpoint_every or self.step % self.checkpoint_every):
+                if self._saved_step != self.step:
                     self.save_checkpoint()
             if self.checkpointer is not None:
                 self.checkpointer.wait()

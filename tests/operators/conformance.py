@@ -73,8 +73,8 @@ def assert_close(actual, expected, *, atol, rtol, name=""):
 
 def tolerances(dtype: torch.dtype) -> dict:
     return {
-        torch.float64: dict(atol=1e-9, rtol=1e-7),
-        torch.float32: dict(atol=2e-4, rtol=2e-4),
-        torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
-        torch.float16: dict(atol=5e-3, rtol=5e-3),
+        torch.float64: {"atol": 1e-9, "rtol": 1e-7},
+        torch.float32: {"atol": 2e-4, "rtol": 2e-4},
+        torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+        torch.float16: {"atol": 5e-3, "rtol": 5e-3},
     }[dtype]

@@ -1,5 +1,6 @@
 """Learning-rate schedules and weight-decay groups."""
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ from sbtrain.trainer.optim import build_optimizer, lr_at
 
 
 def _cfg(**kw):
-    base = dict(lr=1.0, min_lr_ratio=0.1, schedule="cosine", warmup_steps=4, decay_fraction=0.25)
+    base = {"lr": 1.0, "min_lr_ratio": 0.1, "schedule": "cosine", "warmup_steps": 4, "decay_fraction": 0.25}
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -19,7 +20,7 @@ def test_cosine_warmup_then_decay_to_floor():
     cfg = _cfg()
     lrs = [lr_at(s, 20, cfg) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # non-increasing after warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))  # non-increasing after warmup
     assert lrs[4] == pytest.approx(1.0)
     mid = 4 + 8  # half-way through the cosine
     assert lrs[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))

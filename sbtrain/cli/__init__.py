@@ -1,0 +1,1 @@
+"""Command-line entry points (each a Hydra app over ``recipes/``; see :mod:`sbtrain.cli.app`)."""

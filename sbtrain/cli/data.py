@@ -1,0 +1,49 @@
+"""``sbtrain-data``: raw text -> ``<data.output>/data.bin|.idx`` + ``manifest.json``.
+
+``build_dataset(cfg)`` is the whole command as a plain function (tests and other code call it);
+``main`` only wraps it in the shared Hydra app over ``recipes/build_data.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from sbtrain.config.data import DataConfig, TokenizerConfig  # also registers the schemas
+
+
+def _as(node, cls):
+    if isinstance(node, cls):
+        return node
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    known = {k: v for k, v in dict(node).items()}
+    return cls(**known)
+
+
+def build_dataset(cfg) -> dict:
+    """Build the dataset described by ``cfg.data`` / ``cfg.tokenizer``; returns the manifest."""
+    from sbtrain.data.build import build_indexed_dataset
+
+    data = _as(cfg.data if hasattr(cfg, "data") else cfg["data"], DataConfig)
+    tokenizer = _as(cfg.tokenizer if hasattr(cfg, "tokenizer") else cfg["tokenizer"], TokenizerConfig)
+    return build_indexed_dataset(data, tokenizer)
+
+
+def task(cfg: DictConfig) -> None:
+    manifest = build_dataset(cfg)
+    summary = {k: manifest[k] for k in ("num_documents", "num_tokens", "max_token_id", "dtype", "skipped")}
+    summary["output"] = OmegaConf.select(cfg, "data.output")
+    summary["tokenizer"] = manifest["tokenizer"]["path"]
+    print(json.dumps(summary), flush=True)
+
+
+def main() -> None:
+    from sbtrain.cli.app import run_app
+
+    run_app(task, "build_data")
+
+
+if __name__ == "__main__":
+    main()

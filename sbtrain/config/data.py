@@ -1,0 +1,116 @@
+"""Typed schema of the data pipeline (``data=NAME``, ``tokenizer=NAME`` in sbtrain commands).
+
+Two halves share one ``data`` node so a recipe names a corpus once:
+
+- build (``sbtrain-data``): raw files -> tokens -> ``<output>/data.bin|.idx`` + ``manifest.json``
+- train (the trainer's loader): which built datasets, their blend weights, the split, the shuffle
+
+Stored in Hydra's ConfigStore as ``data/data_schema`` and ``tokenizer/tokenizer_schema``;
+recipes start with ``defaults: [data_schema, _self_]`` so a typo in a key is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from sbtrain.config.model import ConfigError
+
+FORMATS = ("json", "parquet", "text", "arrow")
+INVALID_UTF8_POLICIES = ("replace", "error")
+TOKENIZER_KINDS = ("pretrained", "train_bpe")
+
+
+@dataclass
+class TokenizerConfig:
+    # pretrained: AutoTokenizer.from_pretrained(path), a local HF folder.
+    # train_bpe: a byte-level BPE trained on the corpus, saved to `path` (default <data.output>/tokenizer).
+    kind: str = "pretrained"
+    path: str | None = None
+    vocab_size: int = 8192  # train_bpe only
+    min_frequency: int = 2  # train_bpe only
+    # End-of-document token appended to every document. None: the tokenizer's eos_token.
+    eod_token: str | None = None
+    train_max_documents: int | None = None  # train_bpe: train on the first N documents only
+
+    def validate(self) -> TokenizerConfig:
+        if self.kind not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer.kind={self.kind!r} is not one of {TOKENIZER_KINDS}")
+        if self.kind == "pretrained" and not self.path:
+            raise ConfigError(
+                "tokenizer.path is not set: give a local HF tokenizer folder (tokenizer.path=DIR), "
+                "or train one on the corpus with tokenizer=train_bpe"
+            )
+        if self.kind == "train_bpe" and not 257 <= self.vocab_size:
+            # 256 byte symbols + the EOD token is the smallest byte-level vocabulary that can merge anything.
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be at least 257 for a byte-level BPE")
+        return self
+
+
+@dataclass
+class DataConfig:
+    # ---- build: raw corpus -> indexed dataset ----
+    paths: list[str] = field(default_factory=list)  # local files / globs, or one hub dataset name
+    format: str | None = None  # json | parquet | text | arrow; None: from each file's extension
+    text_field: str = "text"
+    streaming: bool = False  # iterate the files instead of materialising them (corpora larger than memory)
+    invalid_utf8: str = "replace"  # replace (count the lines) | error (names file and line)
+    num_proc: int = 1  # tokenizer worker processes
+    output: str = "data/tokenized/corpus"  # directory: data.bin, data.idx, manifest.json
+    overwrite: bool = False
+    hub_split: str = "train"
+
+    # ---- train: built datasets -> packed samples ----
+    datasets: list[str] = field(default_factory=list)  # built dataset dirs; empty: [output]
+    weights: list[float] = field(default_factory=list)  # blend weights (token share); empty: equal
+    seed: int = 1234  # document permutation and window shuffle
+    split_seed: int = 4321  # which documents are held out; fixed so every stage sees the same split
+    valid_fraction: float = 0.0  # fraction of each dataset's documents held out for validation
+    shuffle_window: int = 1024  # samples shuffled inside windows of this many samples
+    per_domain_packing: bool = False  # pack documents of one dataset only into a sample
+    document_boundaries: bool = False  # yield cu_seqlens for document masking
+
+    def validate(self) -> DataConfig:
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is not one of {FORMATS} (or null to infer)")
+        if self.invalid_utf8 not in INVALID_UTF8_POLICIES:
+            raise ConfigError(f"data.invalid_utf8={self.invalid_utf8!r} is not one of {INVALID_UTF8_POLICIES}")
+        if self.num_proc < 1:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be >= 1")
+        if not self.text_field:
+            raise ConfigError("data.text_field is empty: name the column that holds the text, e.g. text")
+        if self.weights and len(self.weights) != len(self.train_datasets()):
+            raise ConfigError(
+                f"data.weights has {len(self.weights)} entries but data.datasets has "
+                f"{len(self.train_datasets())}: give one weight per dataset"
+            )
+        if any(w <= 0 for w in self.weights):
+            raise ConfigError(f"data.weights={list(self.weights)} must all be positive")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"data.shuffle_window={self.shuffle_window} must be >= 1 (1 = no shuffle)")
+        return self
+
+    def train_datasets(self) -> list[str]:
+        return list(self.datasets) if self.datasets else [self.output]
+
+
+@dataclass
+class DataCommandConfig:
+    """Root of ``sbtrain-data``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+def register_data_schema() -> None:
+    """Store the schemas (idempotent: ConfigStore overwrites)."""
+    cs = ConfigStore.instance()
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="tokenizer", name="tokenizer_schema", node=TokenizerConfig)
+    cs.store(name="data_command_schema", node=DataCommandConfig)
+
+
+register_data_schema()

@@ -1,0 +1,179 @@
+"""Typed schema of a model (``model=NAME`` in every sbtrain command).
+
+The dataclasses are stored in Hydra's ConfigStore as ``model/model_schema``; every
+``recipes/model/NAME.yaml`` starts with ``defaults: [model_schema, _self_]``, so a key that is
+not declared here (a typo in a yaml or in an override) is an error, not a silent default.
+
+Layer pattern: ``layer_pattern`` lists the mixer kind of each layer; a shorter list is a
+period repeated to fill ``num_layers`` (its length must divide ``num_layers``), so the 7B's
+``[gla, swa]`` means gla at even layers, swa at odd ones. Kinds (:data:`LAYER_KINDS`):
+
+- ``full``        softmax attention over all past tokens (with RoPE)
+- ``swa``         softmax attention over ``sliding_window`` past tokens plus the current one
+- ``gla``         gated linear attention (ReLU feature map, low-rank per-key-dim decay)
+- ``hybrid_full`` / ``hybrid_swa``  the 76B's intra-layer parallel hybrid: a key-tied linear
+  branch beside a full / sliding-window softmax branch with learned sink tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+LAYER_KINDS = ("full", "swa", "gla", "hybrid_full", "hybrid_swa")
+ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
+FEATURE_MAPS = ("relu", "sigmoid", "identity")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the value and the fix."""
+
+
+@dataclass
+class GLAConfig:
+    """The 7B's gated linear attention layer."""
+
+    gate_rank: int = 16  # low-rank gate: hidden -> gate_rank -> num_key_value_heads * head_dim
+    gate_normalizer: float = 16.0  # log-decay g = logsigmoid(gate) / gate_normalizer
+    feature_map: str = "relu"  # applied to q and k
+
+
+@dataclass
+class HybridConfig:
+    """The 76B's intra-layer parallel hybrid mixer (layer kinds hybrid_full / hybrid_swa)."""
+
+    # True: one q/k/v/o shared by both branches; False: each branch has its own, o outputs averaged.
+    share_branch_projections: bool = True
+    num_sink_tokens: int = 128  # learned key/value pairs per layer, softmax branch only, no RoPE
+    beta_init: float = 0.5  # per-channel branch weights beta_s, beta_l
+    feature_map: str = "sigmoid"  # linear branch q/k; the decay is tied to k: g = log(1 - sigmoid(k_pre))
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts FFN. ``num_experts = 0`` means every layer has a dense FFN."""
+
+    num_experts: int = 0  # routed experts
+    top_k: int = 1
+    num_shared_experts: int = 0  # always-on experts, one dense MLP of num_shared * expert size
+    expert_intermediate_size: int | None = None  # None: the dense intermediate_size
+    dense_layers: list[int] = field(default_factory=list)  # layers that keep a dense FFN
+    router_activation: str = "softmax"  # softmax | sigmoid, computed in fp32
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
+    aux_loss_coef: float = 0.01  # Switch-style load-balancing loss
+    z_loss_coef: float = 0.0  # router z-loss: mean(logsumexp(logits)^2)
+    aux_free_balancing: bool = False  # per-expert bias added to the scores for selection only
+    aux_free_update_rate: float = 1e-3  # bias step per update_expert_bias() call
+    capacity_factor: float | None = None  # None: dropless; else tokens over capacity are dropped
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 8
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    intermediate_size: int = 768
+    rms_norm_eps: float = 1e-6
+    rope_base: float = 1_000_000.0
+    attention_bias: bool = True  # bias on q/k/v (never on o), as in Qwen2
+    tie_embeddings: bool = False
+    sliding_window: int = 512  # W past tokens + the current one (HF's sliding_window is W + 1)
+    layer_pattern: list[str] = field(default_factory=lambda: ["full"])
+    document_masking: bool = False  # reset state / mask attention / restart positions at cu_seqlens
+    init_std: float = 0.02
+    gla: GLAConfig = field(default_factory=GLAConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def layer_types(self) -> list[str]:
+        """The mixer kind of every layer (the pattern expanded to ``num_layers``)."""
+        pattern = list(self.layer_pattern)
+        return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe.num_experts > 0 and index not in set(self.moe.dense_layers)
+
+    def validate(self) -> ModelConfig:
+        """Raise :class:`ConfigError` naming the first bad value and its fix; return self."""
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_key_value_heads={self.num_key_value_heads}; choose a number of KV heads that divides it"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; set model.head_dim explicitly or change the head count"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"model head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+        pattern = list(self.layer_pattern)
+        if not pattern or self.num_layers % len(pattern):
+            raise ConfigError(
+                f"model.layer_pattern has {len(pattern)} entries, which does not divide model.num_layers="
+                f"{self.num_layers}; give one entry per layer or a period that divides it"
+            )
+        for kind in pattern:
+            if kind not in LAYER_KINDS:
+                raise ConfigError(f"model.layer_pattern entry {kind!r} is not a layer kind; use one of {LAYER_KINDS}")
+        if self.sliding_window < 0:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (past tokens seen)")
+        if self.gla.feature_map not in FEATURE_MAPS or self.hybrid.feature_map not in FEATURE_MAPS:
+            raise ConfigError(f"model.gla.feature_map / model.hybrid.feature_map must be one of {FEATURE_MAPS}")
+        if self.gla.gate_rank <= 0 or self.gla.gate_normalizer <= 0:
+            raise ConfigError(
+                f"model.gla.gate_rank={self.gla.gate_rank} and model.gla.gate_normalizer="
+                f"{self.gla.gate_normalizer} must be positive"
+            )
+        if self.hybrid.num_sink_tokens < 0:
+            raise ConfigError(f"model.hybrid.num_sink_tokens={self.hybrid.num_sink_tokens} must be >= 0")
+        self._validate_moe()
+        return self
+
+    def _validate_moe(self) -> None:
+        moe = self.moe
+        if moe.num_experts < 0 or moe.num_shared_experts < 0:
+            raise ConfigError(f"model.moe.num_experts={moe.num_experts} / num_shared_experts must be >= 0")
+        if moe.num_experts == 0:
+            return
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
+            )
+        for index in moe.dense_layers:
+            if not 0 <= index < self.num_layers:
+                raise ConfigError(
+                    f"model.moe.dense_layers contains {index}, outside 0..{self.num_layers - 1} (0-based layer indices)"
+                )
+        if moe.router_activation not in ROUTER_ACTIVATIONS:
+            raise ConfigError(
+                f"model.moe.router_activation={moe.router_activation!r} is unknown; use one of {ROUTER_ACTIVATIONS}"
+            )
+        if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+            raise ConfigError(
+                f"model.moe.capacity_factor={moe.capacity_factor} must be positive, or null for dropless routing"
+            )
+        if moe.expert_intermediate_size is not None and moe.expert_intermediate_size <= 0:
+            raise ConfigError(f"model.moe.expert_intermediate_size={moe.expert_intermediate_size} must be positive")
+
+
+def register_model_schema() -> None:
+    """Store the schema as ``model/model_schema`` (idempotent: ConfigStore overwrites)."""
+    ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+
+
+register_model_schema()

@@ -1,0 +1,118 @@
+"""Typed schema of a training run (``python -m sbtrain.train`` / ``sbtrain-train``).
+
+Every knob of the trainer lives here; a key that is not declared is an error (with the closest
+valid names suggested by the CLI), never a silent default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from sbtrain.config.model import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+AC_MODES = ("none", "selective", "full")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class TrainerConfig:
+    global_batch_size: int = 8  # sequences per optimizer step (all DP ranks together)
+    micro_batch_size: int = 2  # sequences per forward/backward on one rank
+    seq_len: int = 512  # tokens per sequence
+    max_steps: int | None = None  # train by steps ...
+    max_tokens: int | None = None  # ... or by tokens (steps = ceil(tokens / (global batch * seq_len)))
+    exit_at_step: int | None = None  # checkpoint and exit at this step (the schedule still spans max_steps)
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights and optimizer state)
+    activation_checkpointing: str = "none"  # none | selective (every other block) | full (every block)
+    compile: bool = False  # torch.compile each block
+    eval_every: int = 0  # validation every N steps (0: never); also at step 0 and at the end
+    eval_batches: int = 8  # micro batches of the validation split per evaluation (0: all)
+    log_every: int = 1
+    max_consecutive_nonfinite: int = 3  # consecutive NaN/Inf steps tolerated (each skipped) before stopping
+    peak_flops: float | None = None  # FLOP/s the MFU is quoted against; default: device table / CPU matmul
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, loss curve, resolved config
+    resume: str = "auto"  # auto (newest good checkpoint in out_dir) | never | PATH
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self, dp_size: int = 1) -> TrainerConfig:
+        per_rank, rem = divmod(self.global_batch_size, dp_size)
+        if rem or per_rank % self.micro_batch_size:
+            raise ConfigError(
+                f"trainer.global_batch_size={self.global_batch_size} must be a multiple of trainer.micro_batch_size="
+                f"{self.micro_batch_size} x data-parallel size {dp_size}; change one of them"
+            )
+        if self.seq_len <= 0:
+            raise ConfigError(f"trainer.seq_len={self.seq_len} must be positive")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("set trainer.max_steps or trainer.max_tokens (how long to train)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        if self.activation_checkpointing not in AC_MODES:
+            raise ConfigError(
+                f"trainer.activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {AC_MODES}"
+            )
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+        return self
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear / wsd)
+    schedule: str = "cosine"  # cosine | wsd | linear | constant, each after a linear warmup
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Parameters that never decay besides every vector (norms, biases, betas): name substrings.
+    no_decay: list[str] = field(default_factory=lambda: ["embed_tokens", "gk_proj", "sink", "router"])
+    clip_grad: float = 1.0  # on the global gradient norm (0: no clipping)
+    foreach: bool | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end and on SIGTERM / SIGUSR1)
+    keep_last: int = 3
+    async_save: bool = False  # snapshot to CPU and write in a background thread
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sbtrain"
+    name: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    jsonl: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plot: bool = True  # loss-curve PNG beside the checkpoints at the end
+
+
+@dataclass
+class TrainConfig:
+    model: Any = MISSING  # ModelConfig, from the model group
+    data: Any = MISSING  # DataConfig, from the data group
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def validate_logger(cfg: LoggerConfig) -> None:
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise ConfigError(f"logger.wandb.mode={cfg.wandb.mode!r} is unknown; use one of {WANDB_MODES}")
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)

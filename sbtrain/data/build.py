@@ -1,0 +1,250 @@
+"""Raw corpus -> megatron-core indexed dataset (``data.bin`` / ``data.idx``) + ``manifest.json``.
+
+Everything is written into ``<output>.tmp-<pid>`` and renamed into place at the end, so a crash
+never leaves a half-written dataset under the final name. One document per source record; every
+kept document ends with the EOD token; empty / whitespace-only / null records are skipped and
+counted per reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from sbtrain.config.data import DataConfig, TokenizerConfig
+from sbtrain.data.sources import DataError, Source, check_utf8, fingerprint_file, load_source, resolve_sources
+from sbtrain.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe, vocab_info
+
+PREFIX = "data"  # <dir>/data.bin, <dir>/data.idx
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+BATCH = 1000
+
+_WORKER_TOKENIZERS: dict[tuple[str, str | None], tuple] = {}
+
+
+def dataset_prefix(dataset_dir: str) -> str:
+    return os.path.join(dataset_dir, PREFIX)
+
+
+def _tokenizer_in_worker(path: str, eod_token: str | None):
+    # Worker processes load the tokenizer from its folder once, instead of unpickling it per batch.
+    key = (path, eod_token)
+    if key not in _WORKER_TOKENIZERS:
+        _WORKER_TOKENIZERS[key] = load_tokenizer(path, eod_token)
+    return _WORKER_TOKENIZERS[key]
+
+
+def _skip_reason(text) -> str | None:
+    if text is None:
+        return "null"
+    if not isinstance(text, str):
+        return "not_string"
+    if not text.strip():
+        return "empty"
+    return None
+
+
+def encode_batch(texts: list, tok_path: str, eod_token: str | None) -> dict[str, list]:
+    """Token ids (EOD appended) and a skip reason ("" when kept) for each text."""
+    tok, eod = _tokenizer_in_worker(tok_path, eod_token)
+    reasons = [_skip_reason(t) or "" for t in texts]
+    kept = [t for t, r in zip(texts, reasons) if not r]
+    encoded = iter(tok(kept, add_special_tokens=False)["input_ids"]) if kept else iter(())
+    ids = [[] if r else list(next(encoded)) + [eod] for r in reasons]
+    return {"input_ids": ids, "skip": reasons}
+
+
+def _map_batch(batch: dict[str, list], field_name: str, tok_path: str, eod_token: str | None):
+    return encode_batch(batch[field_name], tok_path, eod_token)
+
+
+def _batches(ds, field_name: str) -> Iterator[list]:
+    buf: list = []
+    for row in ds:
+        buf.append(row.get(field_name))
+        if len(buf) == BATCH:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _encoded_rows(ds, field_name: str, streaming: bool, num_proc: int, tok_path: str,
+                  eod_token: str | None) -> Iterator[tuple[list, str]]:
+    """(ids, skip reason) per record, in source order."""
+    if not streaming:
+        mapped = ds.map(_map_batch, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc > 1 else None,
+                        remove_columns=ds.column_names, desc="tokenize",
+                        fn_kwargs={"field_name": field_name, "tok_path": tok_path, "eod_token": eod_token})
+        for row in mapped:
+            yield row["input_ids"], row["skip"]
+        return
+    if num_proc <= 1:
+        for texts in _batches(ds, field_name):
+            out = encode_batch(texts, tok_path, eod_token)
+            yield from zip(out["input_ids"], out["skip"])
+        return
+    # Streaming: IterableDataset.map has no num_proc, so fan batches out to a pool, keeping a bounded
+    # number in flight (memory stays flat however large the corpus) and yielding in order.
+    with ProcessPoolExecutor(max_workers=num_proc) as pool:
+        pending = []
+        for texts in _batches(ds, field_name):
+            pending.append(pool.submit(encode_batch, texts, tok_path, eod_token))
+            if len(pending) >= 2 * num_proc:
+                out = pending.pop(0).result()
+                yield from zip(out["input_ids"], out["skip"])
+        for fut in pending:
+            out = fut.result()
+            yield from zip(out["input_ids"], out["skip"])
+
+
+def _texts_for_bpe(loaded, limit: int | None) -> Iterator[str]:
+    n = 0
+    for ds, field_name in loaded:
+        for row in ds:
+            text = row.get(field_name)
+            if _skip_reason(text):
+                continue
+            yield text
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def build_indexed_dataset(data: DataConfig, tokenizer: TokenizerConfig) -> dict:
+    """Build ``data.output`` from ``data.paths``; returns the manifest."""
+    data.validate()
+    tokenizer.validate()
+    output = os.path.abspath(data.output)
+    if os.path.exists(output) and not data.overwrite:
+        raise DataError(f"data.output={output} exists: choose another folder or set data.overwrite=true")
+    sources = resolve_sources(list(data.paths), data.format)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    scratch = os.path.join(tmp, "_scratch")  # HF cache and cleaned copies; deleted before the rename
+    os.makedirs(scratch)
+    try:
+        manifest = _build(data, tokenizer, sources, tmp, scratch, output)
+        shutil.rmtree(scratch)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if os.path.exists(output):
+            old = f"{output}.old-{os.getpid()}"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if manifest["tokenizer"]["path"].startswith(tmp):
+        manifest["tokenizer"]["path"] = output + manifest["tokenizer"]["path"][len(tmp):]
+        with open(os.path.join(output, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tmp: str, scratch: str,
+           output: str) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    for src in sources:
+        if src.format != "hub":
+            check_utf8(src, data.invalid_utf8, os.path.join(scratch, "utf8"))
+    cache = os.path.join(scratch, "hf_cache")
+    loaded = [load_source(s, data.text_field, data.streaming, cache, data.hub_split) for s in sources]
+
+    if tok_cfg.kind == "train_bpe":
+        tok_path = os.path.abspath(tok_cfg.path) if tok_cfg.path else os.path.join(tmp, "tokenizer")
+        train_bpe(_texts_for_bpe(loaded, tok_cfg.train_max_documents), tok_path, tok_cfg.vocab_size,
+                  tok_cfg.eod_token, tok_cfg.min_frequency)
+    else:
+        tok_path = os.path.abspath(tok_cfg.path)
+    tok, eod_id = load_tokenizer(tok_path, tok_cfg.eod_token)
+    n_vocab, dtype_name = vocab_info(tok)
+    dtype = np.dtype(dtype_name).type
+
+    prefix = dataset_prefix(tmp)
+    builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype)
+    skipped: Counter = Counter()
+    per_source = []
+    n_docs = n_tokens = 0
+    max_id = -1
+    for src, (ds, field_name) in zip(sources, loaded):
+        docs = toks = 0
+        for ids, reason in _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token):
+            if reason:
+                skipped[reason] += 1
+                continue
+            arr = np.asarray(ids, dtype=np.int64)
+            max_id = max(max_id, int(arr.max()))
+            builder.add_document(arr.astype(dtype), [arr.size])
+            docs += 1
+            toks += arr.size
+        n_docs += docs
+        n_tokens += toks
+        entry = {"path": src.path, "format": src.format} if src.format == "hub" else fingerprint_file(src.path)
+        entry.update(format=src.format, documents=docs, tokens=toks, invalid_utf8_lines=len(src.replaced_lines))
+        per_source.append(entry)
+    builder.finalize(get_idx_path(prefix))
+    if n_docs == 0:
+        raise DataError(f"no document left in {data.paths} after skipping {dict(skipped)}: check data.text_field")
+
+    with open(get_idx_path(prefix), "rb") as f:
+        idx_sha = hashlib.sha256(f.read()).hexdigest()
+    tok_hash = tokenizer_hash(tok)
+    replaced = sum(len(s.replaced_lines) for s in sources)
+    return {
+        "version": MANIFEST_VERSION,
+        # Identifies the token content: document structure (.idx) and the ids' meaning (tokenizer).
+        "fingerprint": hashlib.sha256(f"{idx_sha}:{tok_hash}:{n_tokens}".encode()).hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prefix": PREFIX,
+        "dtype": dtype_name,
+        "num_documents": n_docs,
+        "num_tokens": n_tokens,
+        "max_token_id": max_id,
+        "tokenizer": {"path": tok_path, "kind": tok_cfg.kind, "sha256": tok_hash, "vocab_size": n_vocab,
+                      "eod_id": eod_id, "eod_token": tok.convert_ids_to_tokens(eod_id)},
+        "text_field": data.text_field,
+        "skipped": dict(skipped),
+        "invalid_utf8": {"policy": data.invalid_utf8, "replaced_lines": replaced},
+        "sources": per_source,
+    }
+
+
+def read_manifest(dataset_dir: str) -> dict:
+    path = os.path.join(dataset_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise DataError(f"{dataset_dir} has no {MANIFEST}: build it with sbtrain-data data.output={dataset_dir}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_vocab(dataset_dir: str, vocab_size: int) -> int:
+    """Fail before training if a token id of the dataset is >= the model's ``vocab_size``; returns the max id."""
+    manifest_path = os.path.join(dataset_dir, MANIFEST)
+    if os.path.isfile(manifest_path):
+        max_id = int(read_manifest(dataset_dir)["max_token_id"])
+    else:  # a dataset built elsewhere: scan the tokens (memory-mapped, one pass)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        ds = IndexedDataset(dataset_prefix(dataset_dir))
+        max_id = int(max(int(ds[i].max()) for i in range(len(ds)))) if len(ds) else -1
+    if max_id >= vocab_size:
+        raise DataError(
+            f"dataset {dataset_dir} has token id {max_id} >= model vocab_size={vocab_size}: use the tokenizer the "
+            f"model was built for, or a model with vocab_size >= {max_id + 1}"
+        )
+    return max_id

@@ -1,0 +1,68 @@
+"""The 76B's intra-layer parallel hybrid mixer: a softmax branch (full or sliding-window, with
+learned sink tokens, RoPE) beside a key-tied linear branch (sigmoid feature map, no RoPE,
+log-decay ``-softplus(k_pre)``) on the same input.
+
+Merge: ``o_proj(beta_s * RMSNorm(softmax_out) + beta_l * RMSNorm(linear_out))`` with per-head
+RMSNorms and per-channel betas (init ``beta_init``). With ``share_branch_projections=False``
+the linear branch has its own ``linear_{q,k,v,o}_proj`` and the two o_proj outputs are averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sbtrain.config.model import ModelConfig
+from sbtrain.models.attention import MixerInputs, make_qkvo, project_qkv, softmax_core
+from sbtrain.models.layers import RMSNorm, feature_map
+from sbtrain.models.linear_attention import key_tied_log_decay, linear_core
+
+
+class HybridAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.head_dim = hd = cfg.resolved_head_dim
+        self.window = window
+        self.shared = cfg.hybrid.share_branch_projections
+        self.feature_map = cfg.hybrid.feature_map
+        self.beta_init = cfg.hybrid.beta_init
+        make_qkvo(self, cfg, **kw)
+        if not self.shared:
+            make_qkvo(self, cfg, prefix="linear_", **kw)
+        S, hkv = cfg.hybrid.num_sink_tokens, cfg.num_key_value_heads
+        if S:
+            self.sink_k = nn.Parameter(torch.empty(S, hkv, hd, **kw))
+            self.sink_v = nn.Parameter(torch.empty(S, hkv, hd, **kw))
+        else:
+            self.register_parameter("sink_k", None)
+            self.register_parameter("sink_v", None)
+        self.attn_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+        self.linear_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+        channels = cfg.num_attention_heads * hd
+        self.beta_attn = nn.Parameter(torch.full((channels,), self.beta_init, **kw))
+        self.beta_linear = nn.Parameter(torch.full((channels,), self.beta_init, **kw))
+
+    def init_extra(self, std: float) -> None:
+        """Parameters outside nn.Linear / RMSNorm (called by :func:`sbtrain.models.build.init_weights`)."""
+        if self.sink_k is not None:
+            nn.init.normal_(self.sink_k, std=std)
+            nn.init.normal_(self.sink_v, std=std)
+        nn.init.constant_(self.beta_attn, self.beta_init)
+        nn.init.constant_(self.beta_linear, self.beta_init)
+
+    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        q_pre, k_pre, v = project_qkv(self, x, self.head_dim)
+        attn = softmax_core(
+            inputs.rotary(q_pre), inputs.rotary(k_pre), v,
+            window=self.window, inputs=inputs, sink_k=self.sink_k, sink_v=self.sink_v,
+        )
+        if not self.shared:
+            q_pre, k_pre, v = project_qkv(self, x, self.head_dim, prefix="linear_")
+        g = key_tied_log_decay(k_pre)
+        lin = linear_core(feature_map(q_pre, self.feature_map), feature_map(k_pre, self.feature_map), v, g, inputs)
+        attn = self.beta_attn * self.attn_norm(attn).flatten(2)
+        lin = self.beta_linear * self.linear_norm(lin).flatten(2)
+        if self.shared:
+            return self.o_proj(attn + lin)
+        return 0.5 * (self.o_proj(attn) + self.linear_o_proj(lin))

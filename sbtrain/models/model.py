@@ -1,0 +1,153 @@
+"""Decoder block and the causal LM (HF state-dict names: ``model.layers.{i}.self_attn...``).
+
+``CausalLM.forward(input_ids, labels=None, position_ids=None, cu_seqlens=None,
+return_logits=False)`` returns :class:`CausalLMOutput`. ``labels`` are aligned with
+``input_ids`` (``labels[:, t]`` is the target of position t, i.e. already shifted; -100 is
+ignored). The loss is a SUM over target tokens in fp32 (``ops.linear_cross_entropy`` on the
+final hidden states, never full logits), so the trainer divides by the global token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators import ops
+from sbtrain.config.model import ModelConfig
+from sbtrain.models.attention import MixerInputs, SoftmaxAttention
+from sbtrain.models.cache import DecodeCache, LayerCache
+from sbtrain.models.hybrid import HybridAttention
+from sbtrain.models.layers import MLP, RMSNorm, Rotary, default_position_ids
+from sbtrain.models.linear_attention import GatedLinearAttention
+from sbtrain.models.moe import MoE
+
+
+@dataclass
+class CausalLMOutput:
+    loss_sum: torch.Tensor | None  # fp32 sum of token losses (None without labels)
+    num_tokens: torch.Tensor | None  # number of labels != -100
+    aux_loss: torch.Tensor  # MoE balance + z losses summed over layers (0 for dense models)
+    logits: torch.Tensor | None = None  # [B,T,V] fp32, only with return_logits=True
+
+
+def build_mixer(kind: str, cfg: ModelConfig, device=None, dtype=None) -> nn.Module:
+    window = cfg.sliding_window
+    if kind == "full":
+        return SoftmaxAttention(cfg, None, device=device, dtype=dtype)
+    if kind == "swa":
+        return SoftmaxAttention(cfg, window, device=device, dtype=dtype)
+    if kind == "gla":
+        return GatedLinearAttention(cfg, device=device, dtype=dtype)
+    if kind == "hybrid_full":
+        return HybridAttention(cfg, None, device=device, dtype=dtype)
+    if kind == "hybrid_swa":
+        return HybridAttention(cfg, window, device=device, dtype=dtype)
+    raise ValueError(f"layer kind {kind!r} is unknown; see sbtrain.config.model.LAYER_KINDS")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, device=None, dtype=None):
+        super().__init__()
+        self.kind = cfg.layer_types()[index]
+        self.is_moe = cfg.is_moe_layer(index)
+        kw = {"device": device, "dtype": dtype}
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = build_mixer(self.kind, cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        if self.is_moe:
+            self.mlp = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, **kw)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+
+    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, aux = self.mlp(h)
+        else:
+            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+class Decoder(nn.Module):
+    """``model.*`` in the state dict: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, device=device, dtype=dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Decoder(cfg, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: DecodeCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-norm hidden states ``[B,T,d]`` and the summed aux loss."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if not cfg.document_masking:
+            cu_seqlens = None  # packed documents then see each other, as in plain packing
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (document masking) does not apply to cached decoding")
+            if B != 1 or int(cu_seqlens[-1]) != T:
+                raise ValueError(f"cu_seqlens needs a packed batch (B=1) ending at T={T}; got B={B}, "
+                                 f"cu_seqlens[-1]={int(cu_seqlens[-1])}")
+        if position_ids is None:
+            offset = cache.seq_len if cache is not None else 0
+            position_ids = default_position_ids(B, T, cu_seqlens, input_ids.device, offset)
+        rotary = Rotary(position_ids, cfg.resolved_head_dim, cfg.rope_base)
+        if cache is not None and not cache.layers:
+            cache.layers = [LayerCache() for _ in range(cfg.num_layers)]
+        x = self.model.embed_tokens(input_ids)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.model.layers):
+            inputs = MixerInputs(rotary, cu_seqlens, cache.layers[i] if cache is not None else None)
+            x, layer_aux = layer(x, inputs)
+            aux = aux + layer_aux
+        if cache is not None:
+            cache.seq_len += T
+        return self.model.norm(x), aux
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> CausalLMOutput:
+        hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        loss_sum = num_tokens = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            flat_labels = labels.reshape(-1)
+            loss_sum = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, flat_labels)
+            num_tokens = (flat_labels != -100).sum()
+        logits = self.lm_head(hidden).float() if return_logits else None
+        return CausalLMOutput(loss_sum, num_tokens, aux, logits)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]

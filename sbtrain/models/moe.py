@@ -1,0 +1,155 @@
+"""Mixture-of-Experts FFN: fp32 router, top-k, shared expert, grouped expert GEMM.
+
+Dispatch sorts the (token, expert) assignments by expert (stable argsort of the expert ids),
+runs every expert's SwiGLU with ``ops.grouped_mm`` (``offs`` = int32 cumulative counts) and
+scatters the weighted results back. Dropless by default; with ``capacity_factor`` each expert
+keeps its first ``ceil(cf * N * k / E)`` assignments in token order and the rest are dropped
+(counted in ``last_dropped``; a dropped token still gets the shared expert and the residual).
+
+Expert weights are stored ``[E, Din, Dout]`` (grouped_mm's layout), i.e. the transpose of an
+HF Linear weight: ``experts.gate_proj[e] = dense.gate_proj.weight.T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators import ops
+from sbtrain.config.model import MoEConfig
+from sbtrain.models.layers import MLP
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor  # [N, k] chosen experts
+    weights: torch.Tensor  # [N, k] fp32 combine weights (from the unbiased scores)
+    aux_loss: torch.Tensor  # scalar fp32: aux_loss_coef * balance + z_loss_coef * z
+
+
+class Router(nn.Module):
+    """Linear(hidden -> E, no bias) evaluated in fp32, softmax or sigmoid scores.
+
+    ``expert_bias`` (auxiliary-loss-free balancing) is added to the scores for the top-k
+    selection only; the combine weights come from the unbiased scores.
+    """
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size, device=device, dtype=dtype))
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg, E = self.cfg, self.cfg.num_experts
+        logits = x.float() @ self.weight.float().t()
+        scores = logits.softmax(-1) if cfg.router_activation == "softmax" else torch.sigmoid(logits)
+        select = scores + self.expert_bias if cfg.aux_free_balancing else scores
+        expert_ids = select.topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(-1, expert_ids)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        aux = logits.new_zeros(())
+        if cfg.aux_loss_coef and self.training:
+            # Switch balance loss: E * sum_e (share of assignments to e) * (mean score of e).
+            share = torch.bincount(expert_ids.flatten(), minlength=E).float() / expert_ids.numel()
+            probs = scores / scores.sum(-1, keepdim=True) if cfg.router_activation == "sigmoid" else scores
+            aux = aux + cfg.aux_loss_coef * E * (share * probs.mean(0)).sum()
+        if cfg.z_loss_coef and self.training:
+            aux = aux + cfg.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean()
+        return Routing(expert_ids, weights, aux)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as three ``[E, Din, Dout]`` tensors."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **kw))
+
+    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        h = ops.swiglu(ops.grouped_mm(x_sorted, self.gate_proj, offs), ops.grouped_mm(x_sorted, self.up_proj, offs))
+        return ops.grouped_mm(h, self.down_proj, offs)
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, dense_intermediate_size: int, cfg: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        size = cfg.expert_intermediate_size or dense_intermediate_size
+        self.router = Router(hidden_size, cfg, device=device, dtype=dtype)
+        self.experts = Experts(cfg.num_experts, hidden_size, size, device=device, dtype=dtype)
+        self.shared_expert = (
+            MLP(hidden_size, size * cfg.num_shared_experts, device=device, dtype=dtype)
+            if cfg.num_shared_experts else None
+        )
+        # Statistics of the last forward (for logging and aux-free bias updates; the trainer
+        # sums them across ranks: the model itself never talks to torch.distributed).
+        self.last_tokens_per_expert: torch.Tensor | None = None
+        self.last_dropped = 0
+
+    def init_extra(self, std: float) -> None:
+        for p in (self.router.weight, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj):
+            nn.init.normal_(p, std=std)
+        self.router.expert_bias.zero_()
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.cfg.capacity_factor is None:
+            return None
+        return math.ceil(self.cfg.capacity_factor * num_tokens * self.cfg.top_k / self.cfg.num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B,T,d]`` -> (y ``[B,T,d]``, aux loss scalar)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        N, E, k = flat.shape[0], self.cfg.num_experts, self.cfg.top_k
+        routing = self.router(flat)
+        expert_ids = routing.expert_ids.flatten()
+        order = torch.argsort(expert_ids, stable=True)
+        token_of = order // k  # assignment a belongs to token a // k
+        counts = torch.bincount(expert_ids, minlength=E)
+        self.last_tokens_per_expert = counts.detach()
+        cap = self.capacity(N)
+        if cap is not None:
+            # Rank of each sorted assignment inside its expert; keep the first `cap`.
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=x.device) - starts[expert_ids[order]]
+            keep = rank < cap
+            self.last_dropped = int((~keep).sum())
+            order, token_of = order[keep], token_of[keep]
+            counts = counts.clamp(max=cap)
+        else:
+            self.last_dropped = 0
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        y_sorted = self.experts(flat[token_of], offs)
+        weights = routing.weights.flatten()[order].unsqueeze(-1)
+        combine = torch.promote_types(y_sorted.dtype, torch.float32)  # at least fp32 for the weighting
+        weighted = (y_sorted.to(combine) * weights.to(combine)).to(flat.dtype)
+        out = torch.zeros_like(flat).index_add(0, token_of, weighted)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.view(shape), routing.aux_loss
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:
+        """Auxiliary-loss-free balancing step: raise the bias of under-loaded experts, lower it for
+        over-loaded ones (sign rule). Pass globally summed counts in data-parallel training."""
+        counts = self.last_tokens_per_expert if tokens_per_expert is None else tokens_per_expert
+        if counts is None:
+            return
+        counts = counts.float()
+        self.router.expert_bias += self.cfg.aux_free_update_rate * torch.sign(counts.mean() - counts)
+
+
+def routed_expert_fraction(cfg: MoEConfig) -> float:
+    """Fraction of routed-expert parameters a token uses (top_k / num_experts)."""
+    return cfg.top_k / cfg.num_experts if cfg.num_experts else 0.0
+
+
+__all__ = ["Experts", "MoE", "Router", "Routing", "routed_expert_fraction"]

@@ -1,0 +1,161 @@
+"""``python -m sbtrain.train`` / ``sbtrain-train``: train a model on built datasets.
+
+Builds the pieces from the resolved Hydra config and hands them to the Trainer: the model
+(``build_model``), the loader (``PackedLoader``: global, resumable state), the optimizer, the
+checkpointer, the callbacks. Everything lands in ``trainer.out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
+from sbtrain.config.model import ConfigError
+from sbtrain.config.train import validate_logger
+from sbtrain.data.build import check_vocab
+from sbtrain.data.loader import loader_from_config
+from sbtrain.models.build import build_model, count_parameters, to_model_config
+from sbtrain.trainer.callbacks import ConsoleProgress, JSONLMetrics, WandbLogger, plot_loss_curve
+from sbtrain.trainer.checkpoint import Checkpointer
+from sbtrain.trainer.flops import flops_per_token, peak_flops
+from sbtrain.trainer.optim import build_optimizer
+from sbtrain.trainer.trainer import Trainer
+
+log = logging.getLogger("sbtrain.train")
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               check=False)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class PackedBatches:
+    """Adapts loader micro batches to the model: with document boundaries, a micro batch is
+    flattened to one packed row so ``cu_seqlens`` (over the flattened tokens) applies."""
+
+    def __init__(self, loader, eval_samples: int | None = None):
+        self.loader, self.eval_samples = loader, eval_samples
+
+    @staticmethod
+    def to_model(mb: dict) -> dict:
+        if "cu_seqlens" in mb:
+            return {"input_ids": mb["input_ids"].reshape(1, -1), "labels": mb["labels"].reshape(1, -1),
+                    "cu_seqlens": mb["cu_seqlens"]}
+        return {"input_ids": mb["input_ids"], "labels": mb["labels"]}
+
+    def next_global_batch(self) -> list[dict]:
+        return [self.to_model(mb) for mb in self.loader.next_global_batch()]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def batches(self):
+        for mb in self.loader.valid_batches(self.eval_samples):
+            yield self.to_model(mb)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={name!r} is unknown; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
+    """Every piece of a run from its config; returns the trainer and the run's paths."""
+    tcfg = OmegaConf.to_object(cfg.trainer).validate()
+    ocfg = OmegaConf.to_object(cfg.optim)
+    ckcfg = OmegaConf.to_object(cfg.checkpoint)
+    lcfg = OmegaConf.to_object(cfg.logger)
+    validate_logger(lcfg)
+    model_cfg = to_model_config(cfg.model)
+    data_cfg = OmegaConf.to_object(cfg.data).validate()
+    out = Path(tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+
+    datasets = data_cfg.train_datasets()
+    for directory in datasets:
+        check_vocab(directory, model_cfg.vocab_size)  # a token id >= vocab fails here, before training
+    loader = loader_from_config(data_cfg, tcfg.seq_len, tcfg.global_batch_size, tcfg.micro_batch_size)
+    valid = PackedBatches(loader, tcfg.eval_batches * tcfg.micro_batch_size or None) if data_cfg.valid_fraction else None
+
+    model = build_model(model_cfg, device=device)
+    apply_activation_checkpointing(model.model.layers, tcfg.activation_checkpointing)
+    if tcfg.compile:
+        compile_blocks(model.model.layers)
+    optimizer = build_optimizer(model, ocfg)
+    counts = count_parameters(model)
+    active_body = counts["params_active"] - counts["params_embedding"] - counts["params_lm_head"]
+    fpt = flops_per_token(model_cfg, tcfg.seq_len, active_body, counts["params_lm_head"] or counts["params_embedding"])
+    peak, peak_source = peak_flops(device, tcfg.precision, tcfg.peak_flops)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    meta = {"git_revision": git_revision(), "config": resolved, "model": model_cfg.name}
+    callbacks = []
+    if lcfg.jsonl:
+        callbacks.append(JSONLMetrics(out / "metrics.jsonl"))
+    if lcfg.console:
+        callbacks.append(ConsoleProgress(tcfg.log_every))
+    callbacks.append(WandbLogger(lcfg.wandb.mode, lcfg.wandb.project, lcfg.wandb.name, str(out), resolved))
+    trainer = Trainer(
+        model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
+        valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
+        checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
+    )
+    log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
+             json.dumps(counts), fpt, peak, peak_source, device)
+    return trainer, {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "checkpoints": str(out / "checkpoints")}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) a training run; returns its summary with the paths it wrote."""
+    trainer, paths = build_trainer(cfg)
+    resumed = trainer.maybe_resume(cfg.trainer.resume)
+    summary = trainer.fit()
+    summary.update(paths, resumed_from=resumed and resumed["path"])
+    if cfg.logger.plot and cfg.logger.jsonl and Path(paths["metrics"]).exists():
+        png = plot_loss_curve(paths["metrics"], Path(paths["out_dir"]) / "loss_curve.png")
+        summary["loss_curve"] = str(png) if png else None
+    return summary
+
+
+def task(cfg: DictConfig) -> None:
+    summary = train(cfg)
+    print(json.dumps({"summary": summary}), flush=True)
+
+
+def main() -> None:
+    from sbtrain.cli.app import run_app
+
+    run_app(task, "train")
+
+
+if __name__ == "__main__":
+    main()

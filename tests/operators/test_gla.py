@@ -1,0 +1,251 @@
+"""Conformance of every ``ops.gla`` backend: outputs, final state and gradients against a float64
+oracle, on every device present (cuda cases skip without a GPU).
+
+The oracle is the token recurrence written out here in float64: ``gla_reference`` itself
+computes in fp32 internally (``gla_step_reference`` calls ``.float()``), so it cannot serve as a
+float64 oracle; it is checked against the oracle like any other backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from operators import ops
+from operators.gla import chunk_kernels
+from operators.gla.reference import segments
+from tests.operators.conformance import assert_close, devices, platform_for, poisoned_allocations, tolerances
+
+
+def oracle(q, k, v, g, *, scale=None, initial_state=None, cu_seqlens=None):
+    """float64 token recurrence: S_t = diag(e^g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t."""
+    B, T, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    scale = Dk**-0.5 if scale is None else scale
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    if g.dim() == 3:
+        g = g.unsqueeze(-1).expand_as(k)
+    rows = [[None] * T for _ in range(B)]
+    finals = []
+    for n, b, s, e in segments(T, B, cu_seqlens):
+        S = initial_state[n].double() if initial_state is not None else q.new_zeros(Hkv, Dk, Dv)
+        for t in range(s, e):
+            S = S * g[b, t].exp().unsqueeze(-1) + k[b, t].unsqueeze(-1) * v[b, t].unsqueeze(-2)
+            o = torch.einsum("hgk,hkv->hgv", q[b, t].view(Hkv, Hq // Hkv, Dk) * scale, S)
+            rows[b][t] = o.reshape(Hq, Dv)
+        finals.append(S)
+    return torch.stack([torch.stack(r) for r in rows]), torch.stack(finals)
+
+
+# name: (B, T, Hq, Hkv, Dk, Dv, chunk, gate, initial state, cu_seqlens)
+CASES = {
+    "t1": (2, 1, 2, 2, 8, 8, 16, "dim", True, None),
+    "t37_c16": (1, 37, 4, 2, 8, 6, 16, "dim", True, None),
+    "t64_c64_noinit": (2, 64, 4, 2, 8, 8, 64, "dim", False, None),
+    "t130_c32_gqa7": (1, 130, 7, 1, 8, 8, 32, "dim", True, None),
+    "t37_c64_short": (1, 37, 2, 1, 8, 8, 64, "dim", True, None),
+    "scalar_gate": (2, 37, 4, 2, 8, 8, 16, "scalar", True, None),
+    "key_tied_gate": (1, 64, 4, 2, 8, 8, 16, "keytied", True, None),
+    "steep_gate": (1, 48, 4, 2, 8, 8, 16, "steep", True, None),
+    "steep_scalar": (1, 48, 2, 1, 8, 8, 16, "steep_scalar", False, None),
+    # uneven documents: one of length 1, a boundary exactly on the chunk edge at 32, an empty one
+    "cu_seqlens": (1, 70, 4, 2, 8, 8, 16, "dim", True, [0, 5, 6, 32, 32, 51, 70]),
+    "cu_seqlens_noinit": (1, 45, 2, 2, 8, 8, 16, "keytied", False, [0, 16, 17, 45]),
+}
+
+
+def make_inputs(case, dtype, device, seed=0):
+    B, T, Hq, Hkv, Dk, Dv, C, gate, init, cu = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    leaves = {"q": rnd(B, T, Hq, Dk), "v": rnd(B, T, Hkv, Dv)}
+    if gate == "keytied":  # 76B linear branch: k = sigmoid(x), g = log(1 - k); grads reach x twice
+        leaves["x"] = rnd(B, T, Hkv, Dk)
+    else:
+        leaves["k"] = rnd(B, T, Hkv, Dk)
+        if gate == "dim":  # the 7B's mild gate, made steeper so decay matters within T
+            leaves["g"] = F.logsigmoid(rnd(B, T, Hkv, Dk) + 1) / 4
+        elif gate == "scalar":
+            leaves["g"] = F.logsigmoid(rnd(B, T, Hkv))
+        elif gate == "steep":  # down to -20 per step and dim: the factorised form must not overflow
+            leaves["g"] = -20 * torch.rand(B, T, Hkv, Dk, generator=gen, dtype=torch.float64)
+        else:
+            leaves["g"] = -20 * torch.rand(B, T, Hkv, generator=gen, dtype=torch.float64)
+    n = B if cu is None else len(cu) - 1
+    if init:
+        leaves["s0"] = rnd(n, Hkv, Dk, Dv)
+    leaves = {
+        name: t.to(dtype if name != "s0" else torch.float32).to(device).requires_grad_() for name, t in leaves.items()
+    }
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    return leaves, C, cu_t
+
+
+def build(leaves):
+    """(q, k, v, g, s0) from the leaves; the key-tied gate is computed in the graph."""
+    if "x" in leaves:
+        k = torch.sigmoid(leaves["x"])
+        g = F.logsigmoid(-leaves["x"])  # log(1 - sigmoid(x)), stable
+    else:
+        k, g = leaves["k"], leaves["g"]
+    return leaves["q"], k, leaves["v"], g, leaves.get("s0")
+
+
+def loss_of(o, final):
+    # Fixed non-uniform weights so every output element and state entry carries its own gradient.
+    wo = torch.linspace(-1, 1, o.numel(), dtype=torch.float64, device=o.device).view_as(o)
+    wf = torch.linspace(-0.5, 1, final.numel(), dtype=torch.float64, device=final.device).view_as(final)
+    return (o.double() * wo).sum() + (final.double() * wf).sum()
+
+
+def run_backend(name, leaves, C, cu):
+    q, k, v, g, s0 = build(leaves)
+    with poisoned_allocations():
+        o, final = ops.gla.call_backend(
+            name, q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu, chunk_size=C
+        )
+        grads = torch.autograd.grad(loss_of(o, final), list(leaves.values()))
+    return o, final, dict(zip(leaves, grads))
+
+
+def run_oracle(leaves, cu):
+    leaves64 = {n: t.detach().double().cpu().requires_grad_() for n, t in leaves.items()}
+    q, k, v, g, s0 = build(leaves64)
+    o, final = oracle(q, k, v, g, initial_state=s0, cu_seqlens=None if cu is None else cu.cpu())
+    grads = torch.autograd.grad(loss_of(o, final), list(leaves64.values()))
+    return o, final, dict(zip(leaves64, grads))
+
+
+def skip_unless_usable(name, device, leaves, C, cu):
+    platform = platform_for(device)
+    if name not in ops.gla.available_backends(platform):
+        pytest.skip(f"backend {name} is not available on {platform}")
+    q, k, v, g, s0 = build(leaves)
+    reason = ops.gla.backends[name].accepts(q, k, v, g, initial_state=s0, cu_seqlens=cu, chunk_size=C)
+    if reason:
+        pytest.skip(f"backend {name} declines: {reason}")
+
+
+BACKENDS = sorted(ops.gla.backends)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gla_matches_float64_oracle(device, backend, dtype, case):
+    leaves, C, cu = make_inputs(case, dtype, device)
+    skip_unless_usable(backend, device, leaves, C, cu)
+    o, final, grads = run_backend(backend, leaves, C, cu)
+    o64, final64, grads64 = run_oracle(leaves, cu)
+    assert o.dtype == dtype and final.dtype == torch.float32
+    tol = tolerances(dtype)
+    assert_close(o, o64, **tol, name=f"{backend} output")
+    assert_close(
+        final, final64, **tolerances(torch.float32 if dtype == torch.float32 else dtype), name=f"{backend} final state"
+    )
+    for n in grads64:
+        assert grads[n].dtype == leaves[n].dtype
+        # bf16 gradients of long reductions (the gate's reverse cumsum) need a scale-aware bound.
+        scale = 1.0 if dtype == torch.float32 else max(1.0, grads64[n].abs().max().item())
+        assert_close(grads[n], grads64[n], atol=tol["atol"] * scale, rtol=tol["rtol"], name=f"{backend} d{n}")
+
+
+@pytest.mark.parametrize("rmax", [0.0, 1e9], ids=["all_pairwise", "all_factorised"])
+def test_chunked_intra_paths(monkeypatch, rmax):
+    """The per-dim intra term has a factorised form and an exact pairwise fallback; force each."""
+    monkeypatch.setattr(chunk_kernels, "RMAX", rmax)
+    case = "t37_c16" if rmax > 1 else "cu_seqlens"  # factorised-only needs a mild gate
+    leaves, C, cu = make_inputs(case, torch.float32, "cpu", seed=3)
+    o, final, grads = run_backend("chunked", leaves, C, cu)
+    o64, final64, grads64 = run_oracle(leaves, cu)
+    tol = tolerances(torch.float32)
+    assert_close(o, o64, **tol, name="output")
+    assert_close(final, final64, **tol, name="final state")
+    for n in grads64:
+        assert_close(grads[n], grads64[n], **tol, name=f"d{n}")
+
+
+@pytest.mark.parametrize("case", ["cu_seqlens", "t130_c32_gqa7", "scalar_gate", "steep_gate"])
+@pytest.mark.parametrize("block_bytes", [1, 10000], ids=["1_chunk", "few_chunks"])
+def test_chunked_blocks(monkeypatch, case, block_bytes):
+    """The kernel walks the chunks in cache-sized blocks, carrying S forward and dS backward
+    across block edges; force small blocks so edges fall inside documents and on boundaries."""
+    monkeypatch.setattr(chunk_kernels, "BLOCK_BYTES", block_bytes)
+    leaves, C, cu = make_inputs(case, torch.float32, "cpu", seed=5)
+    o, final, grads = run_backend("chunked", leaves, C, cu)
+    o64, final64, grads64 = run_oracle(leaves, cu)
+    tol = tolerances(torch.float32)
+    assert_close(o, o64, **tol, name="output")
+    assert_close(final, final64, **tol, name="final state")
+    for n in grads64:
+        assert_close(grads[n], grads64[n], **tol, name=f"d{n}")
+
+
+def test_very_negative_gates_stay_finite():
+    # -20..-80 nats per step, chunks of 64: the in-chunk range reaches thousands of nats.
+    T, H, D = 150, 2, 16
+    q, k, v = (torch.randn(1, T, H, D, requires_grad=True) for _ in range(3))
+    g = (-20 - 60 * torch.rand(1, T, H, D)).requires_grad_()
+    o, final = ops.gla.call_backend("chunked", q, k, v, g, output_final_state=True, chunk_size=64)
+    (o.sum() + final.sum()).backward()
+    for name, t in {"o": o, "final": final, "dq": q.grad, "dk": k.grad, "dv": v.grad, "dg": g.grad}.items():
+        assert torch.isfinite(t).all(), f"{name} has inf/nan with very negative gates"
+    # With such decays only the current token survives: o_t ~= scale * (q_t . k_t) v_t.
+    expect = (q * k).sum(-1, keepdim=True) * v * D**-0.5
+    assert_close(o, expect, atol=1e-5, rtol=1e-5, name="output")
+
+
+def test_chunked_equals_token_by_token_decode():
+    torch.manual_seed(1)
+    B, T, Hq, Hkv, D = 2, 21, 4, 2, 8
+    q, k, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    g = F.logsigmoid(torch.randn(B, T, Hkv, D))
+    s0 = torch.randn(B, Hkv, D, D)
+    o, final = ops.gla.call_backend("chunked", q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=8)
+    state, steps = s0, []
+    for t in range(T):
+        out, state = ops.gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state)
+        steps.append(out)
+    assert_close(o, torch.stack(steps, 1), **tolerances(torch.float32), name="output vs decode")
+    assert_close(final, state, **tolerances(torch.float32), name="final state vs decode")
+
+
+def test_two_halves_with_carried_state_equal_the_whole():
+    torch.manual_seed(2)
+    B, T, H, D, cut = 1, 90, 2, 8, 41  # the cut is not on a chunk edge
+    q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, T, H))
+    kw = {"output_final_state": True, "chunk_size": 16}
+    o, final = ops.gla.call_backend("chunked", q, k, v, g, **kw)
+    o1, s1 = ops.gla.call_backend("chunked", q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], **kw)
+    o2, s2 = ops.gla.call_backend("chunked", q[:, cut:], k[:, cut:], v[:, cut:], g[:, cut:], initial_state=s1, **kw)
+    assert_close(torch.cat([o1, o2], 1), o, **tolerances(torch.float32), name="output")
+    assert_close(s2, final, **tolerances(torch.float32), name="final state")
+
+
+def test_cpu_dispatch_picks_chunked():
+    q = torch.randn(1, 4, 2, 8)
+    g = torch.zeros(1, 4, 2, 8)
+    assert ops.gla.select(q, q, q, g).name == "chunked"
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_errors_name_the_bad_value(backend):
+    q, kv, g = torch.randn(1, 8, 3, 8), torch.randn(1, 8, 2, 8), torch.zeros(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="3 query heads must be a multiple of 2"):
+        ops.gla.call_backend(backend, q, kv, kv, g)
+    q = torch.randn(1, 8, 4, 8)
+    with pytest.raises(ValueError, match=r"initial_state \(1, 2, 8, 4\) must be \[1, 2, 8, 8\]"):
+        ops.gla.call_backend(backend, q, kv, kv, g, initial_state=torch.zeros(1, 2, 8, 4))
+    with pytest.raises(ValueError, match="gate"):
+        ops.gla.call_backend(backend, q, kv, kv, torch.zeros(1, 8, 2, 4))
+
+
+def test_chunked_rejects_bad_cu_seqlens_and_chunk_size():
+    q, g = torch.randn(1, 8, 2, 8), torch.zeros(1, 8, 2)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=8"):
+        ops.gla.call_backend("chunked", q, q, q, g, cu_seqlens=torch.tensor([0, 5, 7]))
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        ops.gla.call_backend("chunked", q, q, q, g, chunk_size=0)

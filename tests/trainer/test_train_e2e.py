@@ -1,0 +1,141 @@
+"""The training command end to end on a tiny corpus: exact resume, NaN skipping, signals, typos."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sbtrain.cli.app import RECIPES_DIR
+from sbtrain.config.data import DataConfig, TokenizerConfig
+from sbtrain.models.model import CausalLM
+from sbtrain.train import train
+from sbtrain.trainer.trainer import NonFiniteLossError
+from tests.data.conftest import make_docs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "model=sb7b_tiny", "model.vocab_size=320", "model.hidden_size=64", "model.num_layers=2",
+    "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.intermediate_size=128",
+    "model.sliding_window=16", "trainer.seq_len=32", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+    "optim.lr=3e-3", "optim.warmup_steps=2", "logger.console=false", "logger.wandb.mode=disabled",
+    "logger.plot=false", "data.valid_fraction=0.05",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from sbtrain.data import build_indexed_dataset
+
+    root = tmp_path_factory.mktemp("train_corpus")
+    write_jsonl(root / "docs.jsonl", make_docs(400, seed=3))
+    data = DataConfig(paths=[str(root / "docs.jsonl")], output=str(root / "ds"))
+    build_indexed_dataset(data, TokenizerConfig(kind="train_bpe", vocab_size=300))
+    return str(root / "ds")
+
+
+def run(dataset: str, out: Path, *extra: str) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMALL, f"data.datasets=[{dataset}]", f"trainer.out_dir={out}", *extra])
+    return train(cfg)
+
+
+def losses(out: Path, kind: str = "train") -> dict:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    key = "loss" if kind == "train" else "valid_loss"
+    return {r["step"]: r[key] for r in records if r["kind"] == kind}
+
+
+def test_resumed_run_reproduces_uninterrupted_losses_bit_for_bit(dataset, tmp_path):
+    full = run(dataset, tmp_path / "full", "trainer.max_steps=20", "trainer.eval_every=10")
+    first = run(dataset, tmp_path / "split", "trainer.max_steps=20", "trainer.eval_every=10", "trainer.exit_at_step=10")
+    assert first["stopped_by"] == "exit_at_step" and first["step"] == 10
+    second = run(dataset, tmp_path / "split", "trainer.max_steps=20", "trainer.eval_every=10")
+    assert second["resumed_from"].endswith("step_00000010") and second["step"] == 20
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert list(a) == list(range(1, 21)) and list(b) == list(range(1, 21))
+    assert a == b  # exact equality, fp32 on CPU
+    assert losses(tmp_path / "full", "valid") == losses(tmp_path / "split", "valid")
+    assert full["last_valid_loss"] < full["first_valid_loss"]  # it learns
+    assert (tmp_path / "full" / "config.yaml").is_file()
+    meta = json.loads((tmp_path / "full" / "checkpoints" / "step_00000020" / "meta.json").read_text())
+    assert meta["config"]["trainer"]["max_steps"] == 20 and meta["git_revision"]
+
+
+def _nan_on_calls(monkeypatch, bad_calls):
+    real = CausalLM.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in bad_calls and out.loss_sum is not None:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(CausalLM, "forward", forward)
+
+
+def test_nonfinite_step_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
+    _nan_on_calls(monkeypatch, {5})  # 2 micro batches per step: call 5 is in step 3
+    summary = run(dataset, tmp_path, "trainer.max_steps=5")
+    assert summary["skipped_steps"] == 1 and summary["step"] == 5
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 0, 0]
+    assert summary["tokens"] == 4 * 4 * 32  # the skipped step's tokens are not counted
+
+
+def test_consecutive_nonfinite_steps_stop_with_a_message(dataset, tmp_path, monkeypatch):
+    _nan_on_calls(monkeypatch, set(range(3, 100)))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps ending at step 4: lower optim.lr"):
+        run(dataset, tmp_path, "trainer.max_steps=10", "trainer.max_consecutive_nonfinite=3")
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sbtrain.train", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_typo_in_an_override_fails_and_suggests_the_key():
+    proc = _cli("trainer.max_stepz=5")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "trainer.max_stepz" in out + err and "trainer.max_steps" in out + err
+
+
+def test_sigusr1_checkpoints_and_exits_zero(dataset, tmp_path):
+    out = tmp_path / "sig"
+    proc = _cli(*SMALL, f"data.datasets=[{dataset}]", f"trainer.out_dir={out}", "trainer.max_steps=100000")
+    try:
+        deadline = time.time() + 120
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        assert metrics.exists(), proc.stderr.read() if proc.poll() is not None else "no metrics yet"
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
+    assert summary["stopped_by"] == "SIGUSR1"
+    assert (out / "checkpoints" / f"step_{summary['step']:08d}" / "manifest.json").is_file()
+
+
+def test_token_id_beyond_vocab_fails_before_training(dataset, tmp_path):
+    from sbtrain.data.sources import DataError
+
+    with pytest.raises(DataError, match="vocab"):
+        run(dataset, tmp_path, "trainer.max_steps=1", "model.vocab_size=100")
+    assert not (tmp_path / "metrics.jsonl").exists()
