@@ -1,8 +1,11 @@
 """Chunked gated linear attention: backend ``chunked`` of ``ops.gla`` (cpu, cuda, maca).
 
 Same signature and semantics as ``operators.gla.reference.gla_reference``. The training path is
-a custom ``autograd.Function`` whose backward recomputes the chunk states and runs a reverse
-scan for dS (autograd through a chunk loop costs 3-15x the forward on CPU, DESIGN.md §7). The
+a custom ``autograd.Function`` with an explicit backward (a reverse scan for dS; autograd
+through a chunk loop costs 3-15x the forward on CPU, DESIGN.md §7). The training forward keeps
+the packed inputs, the cumulative gate and every chunk's entry state (up to
+``chunk_kernels.SAVE_STATES_BYTES``), so the backward neither repacks nor recomputes states;
+beyond that it keeps only the inputs and recomputes the states from per-block entry states. The
 math lives in ``chunk_kernels``; this module packs tokens into chunks and back.
 
 Documents (``cu_seqlens``) are handled per segment: each document is copied to start on a chunk
@@ -66,6 +69,21 @@ def _pack(x, segs, R, N, C, H, G, D):
     return buf
 
 
+def _view(x, C, H, G, D):
+    """x [B,T,H*G,D] as a strided [N,B,H,G,C,D] view when that needs no copy, else None."""
+    B, T = x.shape[:2]
+    if x.dtype != torch.float32 or T % C or T == 0 or x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(B, T // C, C, H, G, D).permute(1, 0, 3, 4, 2, 5)
+    except RuntimeError:
+        return None
+
+
+def _or(x, make):
+    return make() if x is None else x
+
+
 def _unpack(buf, segs, B, T, C, dtype):
     """fp32 [N,R,H,G,C,D] -> [B,T,H*G,D] in ``dtype``."""
     _, _, H, G, _, D = buf.shape
@@ -88,10 +106,14 @@ class _Packed:
         self.segs, self.R, self.N, self.plan = _segments(B, T, C, cu_seqlens)
         self.plan.doc_end = self.plan.doc_end.to(q.device)
         pk = lambda x, G, D: _pack(x, self.segs, self.R, self.N, C, H, G, D)
-        self.q = pk(q, self.G, Dk)
-        self.k = pk(k, 1, Dk).squeeze(3)
+        # q, k and g are only read by elementwise ops and cumsum, which take strided views
+        # (whole chunks, no documents, fp32): no copy. v feeds matmuls directly, so it is packed.
+        vw = lambda x, G, D: _view(x, C, H, G, D) if cu_seqlens is None else None
+        self.q = _or(vw(q, self.G, Dk), lambda: pk(q, self.G, Dk))
+        self.k = _or(vw(k, 1, Dk), lambda: pk(k, 1, Dk)).squeeze(3)
         self.v = pk(v, 1, Dv).squeeze(3)
-        self.g = pk(g if g.dim() == 4 else g.unsqueeze(-1), 1, g.shape[-1] if g.dim() == 4 else 1).squeeze(3)
+        g4 = g if g.dim() == 4 else g.unsqueeze(-1)
+        self.g = _or(vw(g4, 1, g4.shape[-1]), lambda: pk(g4, 1, g4.shape[-1])).squeeze(3)
         # Decays (g <= 0) let the kernel read b's range off the chunk ends instead of reducing.
         self.monotone = bool(g.max() <= 0) if g.numel() else True
 
@@ -101,36 +123,71 @@ class _Packed:
 
 class ChunkedGLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, cu_seqlens):
+    def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, cu_seqlens, training=True):
         p = _Packed(q, k, v, g, scale, chunk_size, cu_seqlens)
         init = None if initial_state is None else initial_state.float()
-        o, finals = K.forward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+        # Training: keep the packed inputs, b and the chunk states when they fit in
+        # K.SAVE_STATES_BYTES, so the backward neither repacks nor recomputes the states.
+        state_bytes = 4 * (p.N + 1) * p.R * p.H * (q.shape[-1] * v.shape[-1] + p.G * p.C * p.C)
+        save = training and state_bytes <= K.SAVE_STATES_BYTES
+        o, finals, saved = K.forward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone, save=save)
         ctx.cfg = (scale, chunk_size, cu_seqlens)
+        ctx.meta = (q.dtype, k.dtype, v.dtype, g.dtype, g.dim(), q.shape[2], v.shape[-1])
+        if save:
+            # Saved so that autograd's version check catches in-place changes to inputs that
+            # p holds as views (no extra memory: views keep them alive anyway).
+            ctx.save_for_backward(initial_state, q, k, g)
+            bfull, states, A = saved
+            p.g = None  # b replaces g
+            ctx.packed, ctx.saved = p, (bfull, states, A, finals.clone())
+        else:
+            ctx.save_for_backward(q, k, v, g, initial_state)
+            ctx.packed = None
         ctx.set_materialize_grads(False)  # an unused final state needs no zero tensor
         return p.unpack(o.view(p.N, p.R, p.H, p.G, p.C, -1), q.dtype), finals
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, initial_state = ctx.saved_tensors
         scale, C, cu_seqlens = ctx.cfg
-        p = _Packed(q, k, v, g, scale, C, cu_seqlens)
+        q_dtype, k_dtype, v_dtype, g_dtype, g_dim, Hq, Dv = ctx.meta
+        if ctx.packed is not None:
+            initial_state = ctx.saved_tensors[0]
+            p, saved = ctx.packed, ctx.saved
+            ctx.packed = ctx.saved = None
+            g6 = saved[0]
+        else:
+            q, k, v, g, initial_state = ctx.saved_tensors
+            p = _Packed(q, k, v, g, scale, C, cu_seqlens)
+            saved, g6 = None, p.g
         init = None if initial_state is None else initial_state.float()
         if do is None:
-            do = torch.zeros(p.B, p.T, q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
+            do = torch.zeros(p.B, p.T, Hq, Dv, dtype=q_dtype, device=p.q.device)
         do6 = _pack(do, p.segs, p.R, p.N, C, p.H, p.G, do.shape[-1])
         need_dinit = initial_state is not None and ctx.needs_input_grad[4]
         dfinal = None if dfinal is None else dfinal.float()
-        dq, dk, dv, dg, dinit = K.backward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone, do6, dfinal, need_dinit)
-        dq = p.unpack(dq, q.dtype)
-        dk = p.unpack(dk.unsqueeze(3), k.dtype)
-        dv = p.unpack(dv.view(p.N, p.R, p.H, 1, C, -1), v.dtype)
-        dg = p.unpack(dg.unsqueeze(3), g.dtype)
-        if g.dim() == 3:
+        # Whole chunks, no documents, fp32: dq, dk, dg are written straight into the returned
+        # tensors through strided views (no unpack copy).
+        outs = None
+        if cu_seqlens is None and p.T % C == 0 and p.T and {q_dtype, k_dtype, g_dtype} == {torch.float32}:
+            Dk, Dg = p.q.shape[-1], g6.shape[-1]
+            full = [p.q.new_empty(p.B, p.T, h, d) for h, d in ((Hq, Dk), (p.H, Dk), (p.H, Dg))]
+            outs = (_view(full[0], C, p.H, p.G, Dk), _view(full[1], C, p.H, 1, Dk).squeeze(3))
+            outs += (_view(full[2], C, p.H, 1, Dg).squeeze(3),)
+        dq, dk, dv, dg, dinit = K.backward(
+            p.q, p.k, p.v, g6, init, p.plan, scale, p.monotone, do6, dfinal, need_dinit, saved=saved, outs=outs
+        )
+        if outs is not None:
+            dq, dk, dg = full
+        else:
+            dq = p.unpack(dq, q_dtype)
+            dk = p.unpack(dk.unsqueeze(3), k_dtype)
+            dg = p.unpack(dg.unsqueeze(3), g_dtype)
+        dv = p.unpack(dv.view(p.N, p.R, p.H, 1, C, -1), v_dtype)
+        if g_dim == 3:
             dg = dg.squeeze(-1)
         if dinit is not None:
             dinit = dinit.to(initial_state.dtype)
-        return dq, dk, dv, dg, dinit, None, None, None
+        return dq, dk, dv, dg, dinit, None, None, None, None
 
 
 def gla_chunked(
@@ -150,7 +207,10 @@ def gla_chunked(
     if int(chunk_size) < 1:
         raise ValueError(f"gla: chunk_size must be a positive number of tokens, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final = ChunkedGLA.apply(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens)
+    # needs_input_grad is set even under no_grad: decide here whether a backward can follow.
+    tensors = (q, k, v, g) + (() if initial_state is None else (initial_state,))
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    o, final = ChunkedGLA.apply(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens, training)
     return o, (final if output_final_state else None)
 
 

@@ -5,11 +5,15 @@ fla is imported lazily, so this module imports without it. Layout is pinned to [
 fla >= 0.2 uses it by default; the versions that still have a ``head_first`` argument default
 it to True (head-first), so we pass ``head_first=False`` whenever the signature has it.
 
+GQA (Hq != Hkv): fla's ``chunk_gla`` needs q, k, v, g with one head count, so k, v, g and the
+initial state are expanded to Hq heads (``repeat_interleave``, query head h reads KV head
+h // G) for the kernel only; the G copies of a KV head's state are identical, and the final
+state returned is one copy per KV head, so callers still see the GQA-sized state. The kernel
+does G times the state work of a GQA-aware one (no fla GLA kernel is GQA-aware); gradients
+are exact (the expansion's backward sums over the group).
+
 What fla's GLA kernels cannot do, ``accepts`` declines (the chunked backend takes the call):
-- GQA (Hq != Hkv): ``chunk_gla`` needs q, k, v, g with the same head count. Expanding k/v/g to
-  Hq heads would also need the final state and its gradient reduced per KV head, and gives up
-  the 7x smaller state the design keeps; declined instead.
-- head dims over 256 (fla's block sizes are tuned up to 256).
+- head dims over 256 (fla's block sizes are tuned up to 256) or under 16 (Triton's dot).
 - tensors off CUDA.
 Scalar gates ``[B,T,Hkv]`` are expanded to per-dim (a view; autograd sums the gradient back).
 """
@@ -26,6 +30,7 @@ from operators.ops import gla, gla_step
 from operators.registry import Backend
 
 MAX_HEAD_DIM = 256
+MIN_HEAD_DIM = 16
 
 
 def _available() -> bool:
@@ -49,10 +54,10 @@ def _layout_kwargs(fn) -> tuple:
 def _decline(q, k, v) -> str | None:
     if q.device.type != "cuda":
         return f"fla runs on CUDA tensors only, got {q.device.type}"
-    if q.shape[-2] != k.shape[-2]:
-        return f"fla GLA has no GQA: {q.shape[-2]} query heads vs {k.shape[-2]} key/value heads"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed fla's {MAX_HEAD_DIM}"
+    if min(q.shape[-1], v.shape[-1]) < MIN_HEAD_DIM:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} are below {MIN_HEAD_DIM} (Triton's tl.dot needs K >= 16)"
     return None
 
 
@@ -80,8 +85,13 @@ def gla_fla(
     if reason:
         raise ValueError(f"gla backend fla: {reason}; use the chunked backend (SBTRAIN_OPS=gla:chunked)")
     g = expand_gate(g, k)
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v, g = (t.repeat_interleave(group, dim=2) for t in (k, v, g))
     if initial_state is not None:
         initial_state = initial_state.float()
+        if group > 1:
+            initial_state = initial_state.repeat_interleave(group, dim=1)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.long()
     o, final = chunk_gla(
@@ -95,7 +105,12 @@ def gla_fla(
         cu_seqlens=cu_seqlens,
         **dict(_layout_kwargs(chunk_gla)),
     )
-    return o.to(q.dtype), (final.float() if output_final_state and final is not None else None)
+    if output_final_state and final is not None:
+        final = final.float()
+        if group > 1:  # the G copies are identical: keep one per KV head
+            final = final.unflatten(1, (-1, group))[:, :, 0]
+        return o.to(q.dtype), final
+    return o.to(q.dtype), None
 
 
 def _step_accepts(q, k, v, g, state, *args, **kwargs) -> str | None:
@@ -110,6 +125,10 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
     if reason:
         raise ValueError(f"gla_step backend fla: {reason}")
     g = g.unsqueeze(-1).expand_as(k) if g.dim() == 2 else g
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v, g = (t.repeat_interleave(group, dim=1) for t in (k, v, g))
+        state = state.repeat_interleave(group, dim=1)
     o, new_state = fused_recurrent_gla(
         q.unsqueeze(1),
         k.unsqueeze(1),
@@ -120,7 +139,10 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
         output_final_state=True,
         **dict(_layout_kwargs(fused_recurrent_gla)),
     )
-    return o[:, 0].to(q.dtype), new_state.float()
+    new_state = new_state.float()
+    if group > 1:
+        new_state = new_state.unflatten(1, (-1, group))[:, :, 0]
+    return o[:, 0].to(q.dtype), new_state
 
 
 gla.register(

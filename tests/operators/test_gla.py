@@ -52,6 +52,9 @@ CASES = {
     # uneven documents: one of length 1, a boundary exactly on the chunk edge at 32, an empty one
     "cu_seqlens": (1, 70, 4, 2, 8, 8, 16, "dim", True, [0, 5, 6, 32, 32, 51, 70]),
     "cu_seqlens_noinit": (1, 45, 2, 2, 8, 8, 16, "keytied", False, [0, 16, 17, 45]),
+    # head dims a GPU kernel takes (fla needs >= 16): GQA, and documents
+    "d32_gqa": (1, 100, 4, 2, 32, 32, 64, "dim", True, None),
+    "d32_docs_keytied": (1, 90, 2, 1, 32, 16, 64, "keytied", True, [0, 7, 64, 90]),
 }
 
 
