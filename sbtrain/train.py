@@ -146,8 +146,22 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def report(summary: dict) -> str:
+    """What a person wants to see at the end of a run: did it learn, where did it all go."""
+    lines = [f"trained to step {summary['step']} ({summary['tokens']:,} tokens; {summary['skipped_steps']} steps skipped)"]
+    if summary.get("stopped_by"):
+        lines.append(f"stopped early by {summary['stopped_by']}; rerun the same command to resume")
+    if summary.get("first_valid_loss") is not None and summary.get("last_valid_loss") is not None:
+        lines.append(f"validation loss: first {summary['first_valid_loss']:.4f} -> last {summary['last_valid_loss']:.4f}")
+    for key in ("out_dir", "checkpoints", "metrics", "loss_curve"):
+        if summary.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    return "\n".join(lines)
+
+
 def task(cfg: DictConfig) -> None:
     summary = train(cfg)
+    print(report(summary), flush=True)
     print(json.dumps({"summary": summary}), flush=True)
 
 

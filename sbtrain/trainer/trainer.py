@@ -83,6 +83,11 @@ class Trainer:
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # MoE layers with auxiliary-loss-free balancing: their expert bias follows the global load.
+        self.balancers = [
+            m for m in model.modules()
+            if hasattr(m, "update_expert_bias") and getattr(getattr(m, "cfg", None), "aux_free_balancing", False)
+        ]
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -180,6 +185,7 @@ class Trainer:
         scale = self.dp_size / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
+        loads = [None] * len(self.balancers)
         for mb in micro_batches:
             mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
             with self._autocast():
@@ -190,6 +196,9 @@ class Trainer:
                 aux_sum += out.aux_loss.detach().double() / len(micro_batches)
             objective.backward()
             loss_sum += out.loss_sum.detach().double()
+            for i, moe in enumerate(self.balancers):
+                load = moe.last_tokens_per_expert.detach().double()
+                loads[i] = load if loads[i] is None else loads[i] + load
         loss_sum = self._all_reduce(loss_sum)
         loss = (loss_sum / global_tokens).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.clip_grad or float("inf"))
@@ -201,6 +210,9 @@ class Trainer:
             set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.optim_cfg))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            for moe, load in zip(self.balancers, loads):
+                if load is not None:
+                    moe.update_expert_bias(self._all_reduce(load))
         return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped)
 
     # -- evaluation -----------------------------------------------------------------------------

@@ -172,10 +172,14 @@ def test_chunked_intra_paths(monkeypatch, rmax):
 
 @pytest.mark.parametrize("case", ["cu_seqlens", "t130_c32_gqa7", "scalar_gate", "steep_gate"])
 @pytest.mark.parametrize("block_bytes", [1, 10000], ids=["1_chunk", "few_chunks"])
-def test_chunked_blocks(monkeypatch, case, block_bytes):
+@pytest.mark.parametrize("save_bytes", [None, 0], ids=["saved_states", "recompute"])
+def test_chunked_blocks(monkeypatch, case, block_bytes, save_bytes):
     """The kernel walks the chunks in cache-sized blocks, carrying S forward and dS backward
-    across block edges; force small blocks so edges fall inside documents and on boundaries."""
+    across block edges; force small blocks so edges fall inside documents and on boundaries.
+    Both backward paths: states saved by the forward, and recomputed (over the memory cap)."""
     monkeypatch.setattr(chunk_kernels, "BLOCK_BYTES", block_bytes)
+    if save_bytes is not None:
+        monkeypatch.setattr(chunk_kernels, "SAVE_STATES_BYTES", save_bytes)
     leaves, C, cu = make_inputs(case, torch.float32, "cpu", seed=5)
     o, final, grads = run_backend("chunked", leaves, C, cu)
     o64, final64, grads64 = run_oracle(leaves, cu)
