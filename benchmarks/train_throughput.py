@@ -2,8 +2,9 @@
 Transformer ``qwen2_tiny`` and HF transformers' ``Qwen2ForCausalLM`` built from the identical
 config, same token batches, same machine, one run, at 2k and 8k tokens per sequence.
 
-Each model trains (forward + backward + AdamW step, fp32) on the same random token batches;
-tokens/s is the median over timed steps after warm-up. Beside each ratio to HF Qwen2 stands
+Each model trains (forward + backward + AdamW step, fp32) on the same random token batches,
+the three interleaved step by step (so drift in the machine's speed hits all alike); tokens/s
+is the median over timed steps after warm-up. Beside each ratio to HF Qwen2 stands
 the ratio of the two models' training FLOPs per token (sbtrain.trainer.flops), so a speed-up
 can be read against the work saved. Prints a table, writes benchmarks/out/train_throughput.json
 and a PNG. The allocator settings in effect are printed and apply to every model alike.
@@ -57,28 +58,34 @@ def flops(cfg, seq_len: int) -> float:
     return flops_per_token(cfg, seq_len, body, counts["params_lm_head"])
 
 
-def time_training(model, batches, hf: bool, warmup: int) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
+def train_step(model, opt, ids, hf: bool) -> None:
+    if hf:
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts labels itself
+    else:
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        loss = out.loss_sum / out.num_tokens
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_interleaved(models: dict, batches, warmup: int) -> dict:
+    """Step every model once per round, so drift in the machine's speed hits all alike."""
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in models.items()}
+    times = {name: [] for name in models}
     for i, ids in enumerate(batches):
-        start = time.perf_counter()
-        if hf:
-            loss = model(input_ids=ids, labels=ids).loss  # HF shifts labels itself
-        else:
-            out = model(ids[:, :-1], labels=ids[:, 1:])
-            loss = out.loss_sum / out.num_tokens
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        for name, (model, hf) in models.items():
+            start = time.perf_counter()
+            train_step(model, opts[name], ids, hf)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="2048,8192")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model and length")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model and length")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
@@ -90,16 +97,19 @@ def main(argv=None) -> None:
     rows = []
     for T in [int(x) for x in args.lengths.split(",")]:
         batches = [torch.randint(0, cfg_tf.vocab_size, (args.batch, T + 1)) for _ in range(args.warmup + args.steps)]
+        torch.manual_seed(0)
+        models = {
+            "hf_qwen2": (hf_qwen2(cfg_tf).train(), True),
+            "qwen2_tiny": (build_model(cfg_tf).train(), False),
+            "sb7b_tiny": (build_model(cfg_hybrid).train(), False),
+        }
+        times = time_interleaved(models, batches, args.warmup)
         result = {}
-        for name, hf in (("hf_qwen2", True), ("qwen2_tiny", False), ("sb7b_tiny", False)):
-            torch.manual_seed(0)
-            model = hf_qwen2(cfg_tf) if hf else build_model(cfg_hybrid if name == "sb7b_tiny" else cfg_tf)
-            model.train()
-            times = time_training(model, [b[:, :T] if hf else b for b in batches], hf, args.warmup)
-            tps = args.batch * T / statistics.median(times)
+        for name in models:
+            tps = args.batch * T / statistics.median(times[name])
             fpt = flops(cfg_hybrid if name == "sb7b_tiny" else cfg_tf, T)
-            result[name] = {"tokens_per_s": tps, "step_s": statistics.median(times), "flops_per_token": fpt}
-            del model
+            result[name] = {"tokens_per_s": tps, "step_s": statistics.median(times[name]), "flops_per_token": fpt}
+        del models
         base = result["hf_qwen2"]
         for name, r in result.items():
             r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
