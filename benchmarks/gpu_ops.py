@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import ops  # noqa: E402
+from operators import ops
 
 
 def cuda_time(fn, repeats: int = 5) -> float:
