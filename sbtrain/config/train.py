@@ -33,7 +33,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each block
     eval_every: int = 0  # validation every N steps (0: never); also at step 0 and at the end
     eval_batches: int = 8  # micro batches of the validation split per evaluation (0: all)
-    log_every: int = 1
+    log_every: int = 1  # console log line every N steps when not a terminal (metrics.jsonl gets every step)
     max_consecutive_nonfinite: int = 3  # consecutive NaN/Inf steps tolerated (each skipped) before stopping
     peak_flops: float | None = None  # FLOP/s the MFU is quoted against; default: device table / CPU matmul
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, loss curve, resolved config

@@ -5,8 +5,9 @@ import pytest
 
 from sbtrain.config.data import DataConfig, TokenizerConfig
 from sbtrain.data import DataError, build_indexed_dataset, check_vocab
+from tests.corpus import make_docs, write_jsonl
 
-from .conftest import build, make_docs, write_jsonl
+from .conftest import build
 
 
 def _decode_all(dataset_dir, tokenizer_path):

@@ -21,7 +21,7 @@ from sbtrain.config.data import DataConfig, TokenizerConfig
 from sbtrain.models.model import CausalLM
 from sbtrain.train import train
 from sbtrain.trainer.trainer import NonFiniteLossError
-from tests.data.conftest import make_docs, write_jsonl
+from tests.corpus import make_docs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
