@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from operators import ops
+from parallel.context_parallel import ContextParallel
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.cache import KVCache, LayerCache
 from sbtrain.models.layers import Rotary
@@ -20,6 +21,9 @@ class MixerInputs:
     rotary: Rotary
     cu_seqlens: torch.Tensor | None = None
     cache: LayerCache | None = None
+    # Context parallelism: the input is this rank's shard of the sequence, and the cores run
+    # their distributed forms (``parallel.context_parallel``); cu_seqlens then lives in it.
+    context_parallel: ContextParallel | None = None
 
 
 def make_qkvo(module: nn.Module, cfg: ModelConfig, prefix: str = "", device=None, dtype=None) -> None:
@@ -54,6 +58,8 @@ def softmax_core(
 ) -> torch.Tensor:
     """Causal softmax attention of already-rotated q/k, through the decode cache when given."""
     cache = inputs.cache
+    if inputs.context_parallel is not None:
+        return inputs.context_parallel.attention(q, k, v, window=window, sink_k=sink_k, sink_v=sink_v)
     if cache is not None:
         if cache.kv is None:
             cache.kv = KVCache(window)

@@ -23,6 +23,8 @@ def linear_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     kept: the chunked op fills it at prefill, the recurrent op advances it token by token.
     """
     cache = inputs.cache
+    if inputs.context_parallel is not None:
+        return inputs.context_parallel.gla(q, k, v, g)
     if cache is not None and cache.state is not None:
         if q.shape[1] != 1:
             raise ValueError(f"decode takes one token at a time after prefill, got {q.shape[1]}")

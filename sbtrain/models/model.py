@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from operators import ops
+from parallel.context_parallel import ContextParallel
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.attention import MixerInputs, SoftmaxAttention
 from sbtrain.models.cache import DecodeCache, LayerCache
@@ -100,15 +101,31 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: DecodeCache | None = None,
+        context_parallel: ContextParallel | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm hidden states ``[B,T,d]`` and the summed aux loss."""
+        """Final-norm hidden states ``[B,T,d]`` and the summed aux loss.
+
+        With ``context_parallel``, ``input_ids`` (and ``position_ids`` if given) are this rank's
+        shard of the sequence and ``cu_seqlens`` holds the global document bounds."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if not cfg.document_masking:
             cu_seqlens = None  # packed documents then see each other, as in plain packing
-        if cu_seqlens is not None:
+        cp = context_parallel
+        if cp is not None:
+            if cache is not None:
+                raise ValueError("context parallelism is for training and prefill-free evaluation, not cached decoding")
+            if T != cp.local_len:
+                raise ValueError(f"input_ids hold {T} tokens but the context-parallel shard is {cp.local_len} "
+                                 f"({cp.seq_len} tokens over {cp.size} ranks)")
+            if cu_seqlens is not None and (cp.cu_seqlens is None or not torch.equal(cp.cu_seqlens, cu_seqlens)):
+                raise ValueError("under context parallelism pass the global cu_seqlens inside ContextParallel")
+            if position_ids is None:
+                position_ids = cp.shard(default_position_ids(B, cp.seq_len, cu_seqlens, input_ids.device))
+            cu_seqlens = None  # the mixers read the document bounds from cp
+        elif cu_seqlens is not None:
             if cache is not None:
                 raise ValueError("cu_seqlens (document masking) does not apply to cached decoding")
             if B != 1 or int(cu_seqlens[-1]) != T:
@@ -123,7 +140,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.model.layers):
-            inputs = MixerInputs(rotary, cu_seqlens, cache.layers[i] if cache is not None else None)
+            inputs = MixerInputs(rotary, cu_seqlens, cache.layers[i] if cache is not None else None, cp)
             x, layer_aux = layer(x, inputs)
             aux = aux + layer_aux
         if cache is not None:
@@ -137,8 +154,9 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_logits: bool = False,
+        context_parallel: ContextParallel | None = None,
     ) -> CausalLMOutput:
-        hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens, context_parallel=context_parallel)
         loss_sum = num_tokens = None
         if labels is not None:
             if labels.shape != input_ids.shape:
