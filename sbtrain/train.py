@@ -17,14 +17,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
 from sbtrain.config.model import ConfigError
+from sbtrain.config.parallel import validate_parallel
 from sbtrain.config.train import validate_logger
 from sbtrain.data.build import check_vocab
 from sbtrain.data.loader import loader_from_config
 from sbtrain.models.build import build_model, count_parameters, to_model_config
 from sbtrain.trainer.callbacks import ConsoleProgress, JSONLMetrics, WandbLogger, plot_loss_curve
 from sbtrain.trainer.checkpoint import Checkpointer
+from sbtrain.trainer.distributed import init_process_group, make_mesh, parallelize
 from sbtrain.trainer.flops import flops_per_token, peak_flops
 from sbtrain.trainer.optim import build_optimizer
 from sbtrain.trainer.trainer import Trainer
@@ -87,39 +88,45 @@ def pick_device(name: str) -> torch.device:
 
 def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     """Every piece of a run from its config; returns the trainer and the run's paths."""
-    tcfg = OmegaConf.to_object(cfg.trainer).validate()
+    tcfg = OmegaConf.to_object(cfg.trainer)
+    pcfg = OmegaConf.to_object(cfg.parallel)
     ocfg = OmegaConf.to_object(cfg.optim)
     ckcfg = OmegaConf.to_object(cfg.checkpoint)
     lcfg = OmegaConf.to_object(cfg.logger)
     validate_logger(lcfg)
     model_cfg = to_model_config(cfg.model)
     data_cfg = OmegaConf.to_object(cfg.data).validate()
+    device = pick_device(tcfg.device)
+    world = init_process_group(device)
+    dims = validate_parallel(pcfg, world, model_cfg, tcfg)  # every layout error before anything is built
+    tcfg.validate(dims.dp)
+    mesh = make_mesh(dims, device)
+    rank0 = mesh is None or torch.distributed.get_rank() == 0
     out = Path(tcfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seed_everything(tcfg.seed)
-    device = pick_device(tcfg.device)
+    seed_everything(tcfg.seed)  # the same seed everywhere: every rank builds the same initial weights
 
     datasets = data_cfg.train_datasets()
     for directory in datasets:
         check_vocab(directory, model_cfg.vocab_size)  # a token id >= vocab fails here, before training
-    loader = loader_from_config(data_cfg, tcfg.seq_len, tcfg.global_batch_size, tcfg.micro_batch_size)
+    loader = loader_from_config(data_cfg, tcfg.seq_len, tcfg.global_batch_size, tcfg.micro_batch_size,
+                                dp_rank=mesh.dp_rank if mesh else 0, dp_size=dims.dp)
     valid = PackedBatches(loader, tcfg.eval_batches * tcfg.micro_batch_size or None) if data_cfg.valid_fraction else None
 
     model = build_model(model_cfg, device=device)
-    apply_activation_checkpointing(model.model.layers, tcfg.activation_checkpointing)
-    if tcfg.compile:
-        compile_blocks(model.model.layers)
-    optimizer = build_optimizer(model, ocfg)
-    counts = count_parameters(model)
+    counts = count_parameters(model)  # before sharding: the model's true sizes
+    layout = parallelize(model, mesh, pcfg, tcfg)
+    optimizer = build_optimizer(model, ocfg)  # after FSDP: it steps the sharded parameters
     active_body = counts["params_active"] - counts["params_embedding"] - counts["params_lm_head"]
     fpt = flops_per_token(model_cfg, tcfg.seq_len, active_body, counts["params_lm_head"] or counts["params_embedding"])
     peak, peak_source = peak_flops(device, tcfg.precision, tcfg.peak_flops)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank0:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"git_revision": git_revision(), "config": resolved, "model": model_cfg.name}
     callbacks = []
-    if lcfg.jsonl:
+    if lcfg.jsonl and rank0:
         callbacks.append(JSONLMetrics(out / "metrics.jsonl"))
     if lcfg.console:
         callbacks.append(ConsoleProgress(tcfg.log_every))
@@ -128,7 +135,9 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
         valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
         checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
+        mesh=mesh, cp_linear=pcfg.cp_linear,
     )
+    trainer.expert_grad_divisor = layout["expert_grad_divisor"]
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
              json.dumps(counts), fpt, peak, peak_source, device)
     return trainer, {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "checkpoints": str(out / "checkpoints")}

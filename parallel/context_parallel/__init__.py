@@ -14,8 +14,6 @@ forward (the group, the global length, the global document bounds) and the mixer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 
@@ -24,27 +22,25 @@ from parallel.context_parallel.documents import LocalDocuments, local_documents
 CP_LINEAR_METHODS = ("allgather", "scan")
 
 
-@dataclass
 class ContextParallel:
-    group: dist.ProcessGroup
-    seq_len: int  # global tokens per row (the sum of all shards)
-    cu_seqlens: torch.Tensor | None = None  # global document bounds of the packed row (B = 1)
-    linear_method: str = "allgather"
-    rank: int = field(init=False)
-    size: int = field(init=False)
-    docs: LocalDocuments | None = field(init=False)
+    """One forward's context-parallel layout. A plain class, not a dataclass: FSDP's input
+    casting rebuilds dataclasses found in forward kwargs, and this one must pass through as is."""
 
-    def __post_init__(self):
-        if self.linear_method not in CP_LINEAR_METHODS:
-            raise ValueError(f"parallel.cp_linear={self.linear_method!r} is unknown; use one of {CP_LINEAR_METHODS}")
-        self.rank = dist.get_rank(self.group)
-        self.size = dist.get_world_size(self.group)
-        if self.seq_len % self.size:
+    def __init__(self, group: dist.ProcessGroup, seq_len: int, cu_seqlens: torch.Tensor | None = None,
+                 linear_method: str = "allgather"):
+        if linear_method not in CP_LINEAR_METHODS:
+            raise ValueError(f"parallel.cp_linear={linear_method!r} is unknown; use one of {CP_LINEAR_METHODS}")
+        self.group, self.seq_len, self.cu_seqlens, self.linear_method = group, seq_len, cu_seqlens, linear_method
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        if seq_len % self.size:
             raise ValueError(
-                f"sequence length {self.seq_len} is not divisible by the context-parallel degree {self.size}; "
+                f"sequence length {seq_len} is not divisible by the context-parallel degree {self.size}; "
                 f"choose trainer.seq_len as a multiple of parallel.cp"
             )
-        self.docs = None if self.cu_seqlens is None else local_documents(self.cu_seqlens, self.start, self.local_len)
+        self.docs: LocalDocuments | None = (
+            None if cu_seqlens is None else local_documents(cu_seqlens, self.start, self.local_len)
+        )
 
     @property
     def local_len(self) -> int:

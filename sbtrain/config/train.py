@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sbtrain.config.model import ConfigError
+from sbtrain.config.parallel import ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
 AC_MODES = ("none", "selective", "full")
@@ -108,6 +109,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def validate_logger(cfg: LoggerConfig) -> None:

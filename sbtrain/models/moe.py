@@ -8,6 +8,19 @@ keeps its first ``ceil(cf * N * k / E)`` assignments in token order and the rest
 
 Expert weights are stored ``[E, Din, Dout]`` (grouped_mm's layout), i.e. the transpose of an
 HF Linear weight: ``experts.gate_proj[e] = dense.gate_proj.weight.T``.
+
+Expert parallelism (``parallel.expert_parallel.shard_experts(moe.experts, ep_mesh)``): the expert
+weights become Shard(0) DTensors and ``experts.ep_mesh`` is set. The router and the shared
+expert stay replicated; each rank routes its own tokens with the full router, the sorted rows
+are all-to-all'ed to the ranks owning their experts, only the local experts run, and the outputs
+come back the same way. Dropless by default; a capacity factor is applied per *source* rank
+(each rank's own assignments against ``ceil(cf * N_local * k / E)``, before dispatch), i.e. the
+same drops the non-EP layer makes on that rank's tokens.
+
+``token_group`` (set when one token set is split over ranks, e.g. context parallelism): the
+balance loss's expert shares use routing counts summed over that group, and every rank returns
+its *share* of the aux loss (mean terms = local sum / global token count), so the shares sum to
+the aux loss of the unsplit token set and the summed router gradients match it too.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import torch
 from torch import nn
 
 from operators import ops
+from parallel import expert_parallel
 from sbtrain.config.model import MoEConfig
 from sbtrain.models.layers import MLP
 
@@ -43,7 +57,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size, device=device, dtype=dtype))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, token_group=None) -> Routing:
+        """``token_group``: the group over which this token set is split (None: not split); the
+        aux loss returned is then this rank's share of the aux loss of the whole set."""
         cfg, E = self.cfg, self.cfg.num_experts
         logits = x.float() @ self.weight.float().t()
         scores = logits.softmax(-1) if cfg.router_activation == "softmax" else torch.sigmoid(logits)
@@ -53,13 +69,22 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         aux = logits.new_zeros(())
-        if cfg.aux_loss_coef and self.training:
+        if not self.training or not (cfg.aux_loss_coef or cfg.z_loss_coef):
+            return Routing(expert_ids, weights, aux)
+        counts = torch.bincount(expert_ids.flatten(), minlength=E)
+        num_tokens = x.shape[0]
+        if token_group is not None:
+            # Shares and means over the whole split token set: sum [counts..., N] over the group.
+            total = expert_parallel.all_reduce_sum_no_grad(torch.cat([counts, counts.new_tensor([num_tokens])]),
+                                                           token_group)
+            counts, num_tokens = total[:E], int(total[E])
+        if cfg.aux_loss_coef:
             # Switch balance loss: E * sum_e (share of assignments to e) * (mean score of e).
-            share = torch.bincount(expert_ids.flatten(), minlength=E).float() / expert_ids.numel()
+            share = counts.float() / (num_tokens * cfg.top_k)
             probs = scores / scores.sum(-1, keepdim=True) if cfg.router_activation == "sigmoid" else scores
-            aux = aux + cfg.aux_loss_coef * E * (share * probs.mean(0)).sum()
-        if cfg.z_loss_coef and self.training:
-            aux = aux + cfg.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean()
+            aux = aux + cfg.aux_loss_coef * E * (share * (probs.sum(0) / num_tokens)).sum()
+        if cfg.z_loss_coef:
+            aux = aux + cfg.z_loss_coef * torch.logsumexp(logits, -1).pow(2).sum() / num_tokens
         return Routing(expert_ids, weights, aux)
 
 
@@ -74,8 +99,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **kw))
 
     def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        h = ops.swiglu(ops.grouped_mm(x_sorted, self.gate_proj, offs), ops.grouped_mm(x_sorted, self.up_proj, offs))
-        return ops.grouped_mm(h, self.down_proj, offs)
+        """Rows sorted by expert, ``offs`` over this module's (local, under EP) experts."""
+        # Under EP the weights are Shard(0) DTensors: compute with this rank's experts only.
+        gate, up, down = (expert_parallel.local_shard(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        h = ops.swiglu(ops.grouped_mm(x_sorted, gate, offs), ops.grouped_mm(x_sorted, up, offs))
+        return ops.grouped_mm(h, down, offs)
 
 
 class MoE(nn.Module):
@@ -93,6 +121,8 @@ class MoE(nn.Module):
         # sums them across ranks: the model itself never talks to torch.distributed).
         self.last_tokens_per_expert: torch.Tensor | None = None
         self.last_dropped = 0
+        # Group over which one token set is split (context/sequence parallel); see the module doc.
+        self.token_group = None
 
     def init_extra(self, std: float) -> None:
         for p in (self.router.weight, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj):
@@ -109,7 +139,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         N, E, k = flat.shape[0], self.cfg.num_experts, self.cfg.top_k
-        routing = self.router(flat)
+        routing = self.router(flat, token_group=self.token_group)
         expert_ids = routing.expert_ids.flatten()
         order = torch.argsort(expert_ids, stable=True)
         token_of = order // k  # assignment a belongs to token a // k
@@ -126,8 +156,13 @@ class MoE(nn.Module):
             counts = counts.clamp(max=cap)
         else:
             self.last_dropped = 0
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        y_sorted = self.experts(flat[token_of], offs)
+        ep_mesh = getattr(self.experts, "ep_mesh", None)
+        if ep_mesh is None:
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            y_sorted = self.experts(flat[token_of], offs)
+        else:
+            x_local, offs, plan = expert_parallel.dispatch(flat[token_of], counts, ep_mesh)
+            y_sorted = expert_parallel.combine(self.experts(x_local, offs), plan)
         weights = routing.weights.flatten()[order].unsqueeze(-1)
         combine = torch.promote_types(y_sorted.dtype, torch.float32)  # at least fp32 for the weighting
         weighted = (y_sorted.to(combine) * weights.to(combine)).to(flat.dtype)

@@ -23,6 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from parallel.context_parallel import ContextParallel
+from parallel.fsdp import scale_expert_grads
+from parallel.grad_norm import clip_grad_norm_
+from parallel.mesh import ParallelMesh
 from sbtrain.trainer.callbacks import Callback
 from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.optim import lr_at, set_lr
@@ -65,7 +69,8 @@ class Trainer:
         flops_per_token: float = 0.0,
         peak_flops: float = float("nan"),
         meta: dict | None = None,
-        dp_group=None,
+        mesh: ParallelMesh | None = None,
+        cp_linear: str = "allgather",
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
         self.train_data, self.valid_data = train_data, valid_data
@@ -73,7 +78,8 @@ class Trainer:
         self.callbacks = list(callbacks) if self._rank0 else []
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.meta = meta or {}
-        self.dp_group = dp_group
+        self.mesh, self.cp_linear = mesh, cp_linear
+        self.loss_group = mesh.loss_mesh.get_group() if mesh is not None else None
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # target tokens trained on
         self.skipped_steps = 0
@@ -83,6 +89,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # (expert modules, divisor) when EP-sharded experts are outside FSDP (parallel.fsdp).
+        self.expert_grad_divisor: tuple[list, float] | None = None
         # MoE layers with auxiliary-loss-free balancing: their expert bias follows the global load.
         self.balancers = [
             m for m in model.modules()
@@ -95,8 +103,27 @@ class Trainer:
         return not dist.is_initialized() or dist.get_rank() == 0
 
     @property
-    def dp_size(self) -> int:
-        return dist.get_world_size(self.dp_group) if dist.is_initialized() else 1
+    def grad_reduce_size(self) -> int:
+        """Ranks whose gradients the data-parallel wrapper averages (dp x cp)."""
+        return self.mesh.grad_reduce_size if self.mesh is not None else 1
+
+    @property
+    def cp_size(self) -> int:
+        return self.mesh.cp if self.mesh is not None else 1
+
+    def _prepare(self, mb: dict, device: torch.device) -> dict:
+        """Move a micro batch to the device; under context parallelism keep this rank's shard of
+        the sequence and hand the mixers the global layout (length, document bounds)."""
+        mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        if self.cp_size == 1:
+            return mb
+        T = mb["input_ids"].shape[1]
+        cp = ContextParallel(self.mesh.cp_mesh.get_group(), T, mb.pop("cu_seqlens", None), self.cp_linear)
+        out = {k: cp.shard(v) for k, v in mb.items() if k in ("input_ids", "labels", "position_ids")}
+        if cp.cu_seqlens is not None:
+            out["cu_seqlens"] = cp.cu_seqlens
+        out["context_parallel"] = cp
+        return out
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -172,28 +199,31 @@ class Trainer:
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
-            dist.all_reduce(value, group=self.dp_group)
+            dist.all_reduce(value, group=self.loss_group)
         return value
 
     def train_step(self, micro_batches: list[dict]) -> StepStats:
         device = next(self.model.parameters()).device
+        micro_batches = [self._prepare(mb, device) for mb in micro_batches]
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
         if global_tokens == 0:
             raise ValueError(f"step {self.step + 1}: the global batch has no target tokens (all labels are -100)")
-        # Gradients are summed over DP ranks by the data-parallel wrapper's mean times dp_size.
-        scale = self.dp_size / global_tokens
+        # The data-parallel wrapper averages gradients over dp x cp ranks; times that count, the
+        # sum of every rank's objective is the global-batch loss.
+        scale = self.grad_reduce_size / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
         loads = [None] * len(self.balancers)
         for mb in micro_batches:
-            mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
             with self._autocast():
                 out = self.model(**mb)
             objective = out.loss_sum * scale
             if out.aux_loss is not None and torch.is_tensor(out.aux_loss):
-                objective = objective + out.aux_loss / len(micro_batches)  # mean over micro batches
-                aux_sum += out.aux_loss.detach().double() / len(micro_batches)
+                # Mean over micro batches and DP ranks. Under CP each rank returns its share of
+                # its sequences' aux loss (shares sum to the whole), hence the factor cp.
+                objective = objective + out.aux_loss * (self.cp_size / len(micro_batches))
+                aux_sum += out.aux_loss.detach().double() * (self.cp_size / len(micro_batches))
             objective.backward()
             loss_sum += out.loss_sum.detach().double()
             for i, moe in enumerate(self.balancers):
@@ -201,8 +231,10 @@ class Trainer:
                 loads[i] = load if loads[i] is None else loads[i] + load
         loss_sum = self._all_reduce(loss_sum)
         loss = (loss_sum / global_tokens).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.clip_grad or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        aux_sum = self._all_reduce(aux_sum) / self.grad_reduce_size
+        if self.expert_grad_divisor is not None:
+            scale_expert_grads(*self.expert_grad_divisor)
+        grad_norm = clip_grad_norm_(self.params, self.optim_cfg.clip_grad)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -228,7 +260,7 @@ class Trainer:
         for i, mb in enumerate(self.valid_data.batches()):
             if self.cfg.eval_batches and i >= self.cfg.eval_batches:
                 break
-            mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+            mb = self._prepare(mb, device)
             with self._autocast():
                 out = self.model(**mb)
             loss_sum += out.loss_sum.double()

@@ -1,0 +1,162 @@
+"""Typed schema of the parallel layout (``parallel.*`` in ``sbtrain.train``).
+
+Five degrees make one device mesh (TorchTitan's vocabulary): ``dp_replicate`` (HSDP replicas),
+``dp_shard`` (FSDP / ZeRO shards; ``-1`` takes whatever the world size leaves), ``cp``
+(context parallel: contiguous sequence shards), ``tp`` (tensor + sequence parallel) and ``ep``
+(expert parallel, *borrowed* from ``dp_shard``: the ep ranks are dp_shard ranks that hold
+different experts, so ep adds no ranks). ``world = dp_replicate * dp_shard * cp * tp``.
+
+:func:`validate_parallel` runs before any model is built and names the bad value and the fix.
+What combines with what is tabled in docs/PARALLELISM.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sbtrain.config.model import ConfigError, ModelConfig
+
+ENGINES = ("fsdp", "deepspeed")
+CP_LINEAR = ("allgather", "scan")
+PARAM_DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (compiles CPUAdam on first use)
+    accelerator: str = "auto"  # auto (from the platform probe) | cpu | cuda: what deepspeed.accelerator uses
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # replicas (HSDP's outer dim; gradients all-reduced across them)
+    dp_shard: int = -1  # FSDP shard degree; -1: world / (dp_replicate * cp * tp)
+    cp: int = 1  # context-parallel degree (sequence shards)
+    tp: int = 1  # tensor-parallel degree (heads / FFN columns; Megatron-style sequence parallel norms)
+    ep: int = 1  # expert-parallel degree (divides dp_shard and the number of routed experts)
+    cp_linear: str = "allgather"  # linear-attention CP: allgather (LASP-2) | scan (pipelined P2P, large cp)
+    engine: str = "fsdp"  # fsdp (torch FSDP2) | deepspeed (ZeRO 1/2/3 engine)
+    param_dtype: str = "fp32"  # fsdp: dtype parameters are gathered and computed in (bf16: fp32 master copy)
+    reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduced in
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees (``dp_shard`` filled in) for a given world size."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    ep: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (each reads different samples)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def grad_reduce_size(self) -> int:
+        """Ranks whose gradients are averaged by the data-parallel wrapper (dp x cp)."""
+        return self.dp * self.cp
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    for name in ("dp_replicate", "cp", "tp", "ep"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(cfg, name)} must be >= 1")
+    fixed = cfg.dp_replicate * cfg.cp * cfg.tp
+    dp_shard = cfg.dp_shard
+    if dp_shard == -1:
+        if world_size % fixed:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.dp_replicate*cp*tp = {cfg.dp_replicate}*"
+                f"{cfg.cp}*{cfg.tp} = {fixed}; change the degrees or the number of processes"
+            )
+        dp_shard = world_size // fixed
+    elif dp_shard < 1:
+        raise ConfigError(f"parallel.dp_shard={dp_shard} must be >= 1 (or -1: whatever the world size leaves)")
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.cp, cfg.tp, cfg.ep)
+    if dims.world_size != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate*dp_shard*cp*tp = {cfg.dp_replicate}*{dp_shard}*{cfg.cp}*{cfg.tp} = "
+            f"{dims.world_size} but the world size is {world_size}; make the product equal the number of "
+            f"processes (dp_shard=-1 fills it in)"
+        )
+    return dims
+
+
+def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, trainer) -> ParallelDims:
+    """Every layout error before anything is built. ``trainer`` is the TrainerConfig."""
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"parallel.engine={cfg.engine!r} is unknown; use one of {ENGINES}")
+    if cfg.cp_linear not in CP_LINEAR:
+        raise ConfigError(f"parallel.cp_linear={cfg.cp_linear!r} is unknown; use one of {CP_LINEAR}")
+    for name in ("param_dtype", "reduce_dtype"):
+        if getattr(cfg, name) not in PARAM_DTYPES:
+            raise ConfigError(f"parallel.{name}={getattr(cfg, name)!r} is unknown; use one of {PARAM_DTYPES}")
+    dims = resolve_dims(cfg, world_size)
+    hq, hkv = model.num_attention_heads, model.num_key_value_heads
+    if dims.tp > 1:
+        if hq % dims.tp or hkv % dims.tp:
+            raise ConfigError(
+                f"parallel.tp={dims.tp} must divide the query heads ({hq}) and the key-value heads ({hkv}) of "
+                f"model {model.name}; choose tp from the common divisors, or replicate the KV heads to a multiple "
+                f"of tp (convert with model.num_key_value_heads={dims.tp * ((hkv + dims.tp - 1) // dims.tp)} "
+                f"and repeated k/v projections), or use parallel.cp for long sequences instead"
+            )
+        for name, value in (("intermediate_size", model.intermediate_size), ("vocab_size", model.vocab_size)):
+            if value % dims.tp:
+                raise ConfigError(f"parallel.tp={dims.tp} must divide model.{name}={value}; choose another tp")
+    if dims.cp > 1 and trainer.seq_len % dims.cp:
+        raise ConfigError(
+            f"trainer.seq_len={trainer.seq_len} is not divisible by parallel.cp={dims.cp}; choose a sequence "
+            f"length that is a multiple of cp (e.g. {trainer.seq_len - trainer.seq_len % dims.cp or dims.cp})"
+        )
+    if dims.ep > 1:
+        experts = model.moe.num_experts
+        if not experts:
+            raise ConfigError(f"parallel.ep={dims.ep} needs a Mixture-of-Experts model; {model.name} has no experts")
+        if experts % dims.ep:
+            raise ConfigError(
+                f"parallel.ep={dims.ep} must divide the routed experts (model.moe.num_experts={experts}); "
+                f"choose ep from its divisors"
+            )
+        if dims.dp_shard % dims.ep:
+            raise ConfigError(
+                f"parallel.ep={dims.ep} borrows its ranks from parallel.dp_shard={dims.dp_shard} and must divide it; "
+                f"raise dp_shard (more processes) or lower ep"
+            )
+    if dims.tp > 1 and dims.ep > 1:
+        raise ConfigError(
+            f"parallel.tp={dims.tp} with parallel.ep={dims.ep} is not supported yet (experts would need tensor-"
+            f"parallel sharding too); use ep with dp/cp, or tp without ep (MoE layers then run replicated)"
+        )
+    if cfg.engine == "deepspeed":
+        if dims.tp > 1 or dims.ep > 1:
+            raise ConfigError(
+                f"parallel.engine=deepspeed combines with data and context parallelism only (got tp={dims.tp}, "
+                f"ep={dims.ep}); use parallel.engine=fsdp for tensor or expert parallelism"
+            )
+        if dims.dp_replicate > 1:
+            raise ConfigError("parallel.engine=deepspeed has no replicate dimension; set parallel.dp_replicate=1 "
+                              "and use dp_shard for the data-parallel degree")
+        if cfg.deepspeed.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 1, 2 or 3")
+    per_rank, rem = divmod(trainer.global_batch_size, dims.dp)
+    if rem or per_rank % trainer.micro_batch_size:
+        raise ConfigError(
+            f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of trainer.micro_batch_size="
+            f"{trainer.micro_batch_size} x data-parallel size {dims.dp} (dp_replicate*dp_shard); change one of them"
+        )
+    return dims
+
+
+__all__ = ["DeepSpeedConfig", "ParallelConfig", "ParallelDims", "resolve_dims", "validate_parallel"]

@@ -1,0 +1,134 @@
+"""Train tiny models for a few SGD steps under a parallel layout, through the real Trainer and
+``sbtrain.trainer.distributed.parallelize``, and return what must equal the single process.
+
+``train_case(spec)`` runs on every rank of a gloo group (or alone, for the reference): it builds
+the same seeded model everywhere, parallelizes it, feeds each data-parallel rank its share of a
+fixed synthetic global batch, and records the loss and every parameter's gradient (as full
+tensors) at every step. SGD, because Adam would turn rounding differences into lr-sized ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from sbtrain.config.model import HybridConfig, ModelConfig, MoEConfig
+from sbtrain.config.parallel import ParallelConfig, validate_parallel
+from sbtrain.config.train import OptimConfig, TrainerConfig
+from sbtrain.models.build import build_model
+from sbtrain.trainer.distributed import make_mesh, parallelize
+from sbtrain.trainer.trainer import Trainer
+
+VOCAB = 96
+
+
+def model_config(kind: str, **over) -> ModelConfig:
+    base = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48, "sliding_window": 5, "init_std": 0.1}
+    if kind == "qwen2":
+        base.update(layer_pattern=["swa", "full"])
+    elif kind == "sb7b":
+        base.update(layer_pattern=["gla", "swa"])
+    elif kind == "sb76b":
+        base.update(layer_pattern=["hybrid_swa", "hybrid_full"],
+                    hybrid=HybridConfig(num_sink_tokens=3, feature_map="sigmoid"),
+                    moe=MoEConfig(num_experts=4, top_k=1, num_shared_experts=1, dense_layers=[0],
+                                  aux_loss_coef=0.01, z_loss_coef=0.001))
+    else:
+        raise ValueError(kind)
+    base.update(over)
+    return ModelConfig(name=f"{kind}_test", **base).validate()
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a full copy of every gradient it steps with (after clipping)."""
+
+    def __init__(self, named_params, lr):
+        named_params = list(named_params)
+        super().__init__([p for _, p in named_params], lr=lr)
+        self.names = {id(p): n for n, p in named_params}
+        self.recorded: list[dict[str, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                    grads[self.names[id(p)]] = g.detach().clone()
+        self.recorded.append(grads)
+        return super().step(closure)
+
+
+class SyntheticData:
+    """A fixed global batch per step; this data-parallel rank takes its contiguous share."""
+
+    def __init__(self, spec: dict, dp_rank: int, dp: int):
+        self.spec, self.dp_rank, self.dp, self.step = spec, dp_rank, dp, 0
+
+    def next_global_batch(self) -> list[dict]:
+        s = self.spec
+        G, mb, T = s["global_batch"], s["micro_batch"], s["seq_len"]
+        gen = torch.Generator().manual_seed(1000 + self.step)
+        self.step += 1
+        ids = torch.randint(0, VOCAB, (G, T + 1), generator=gen)
+        per_rank = G // self.dp
+        mine = ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        out = []
+        for i in range(0, per_rank, mb):
+            rows = mine[i:i + mb]
+            batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:].clone()}
+            batch["labels"][:, 0] = -100  # some ignored targets, as after a document start
+            if s.get("docs"):
+                # Packed row with documents of uneven lengths crossing every shard boundary.
+                n = rows.shape[0] * T
+                bounds = sorted({0, n, *[b for b in (3, 11, T // 2 + 1, T + 5, 2 * T - 7) if 0 < b < n]})
+                batch = {"input_ids": batch["input_ids"].reshape(1, -1), "labels": batch["labels"].reshape(1, -1),
+                         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}
+            out.append(batch)
+        return out
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+def train_case(spec: dict) -> dict:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mcfg = model_config(spec["model"], document_masking=bool(spec.get("docs")), **spec.get("model_over", {}))
+    pcfg = ParallelConfig(**{k: spec[k] for k in ("dp_replicate", "cp", "tp", "ep", "cp_linear") if k in spec})
+    tcfg = TrainerConfig(global_batch_size=spec["global_batch"], micro_batch_size=spec["micro_batch"],
+                         seq_len=spec["seq_len"], max_steps=spec.get("steps", 3))
+    dims = validate_parallel(pcfg, world, mcfg, tcfg)
+    mesh = make_mesh(dims, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(mcfg)
+    layout = parallelize(model, mesh, pcfg, tcfg)
+    optimizer = RecordingSGD(model.named_parameters(), lr=0.5)
+    ocfg = OptimConfig(lr=0.5, schedule="constant", warmup_steps=0, clip_grad=spec.get("clip", 0.0))
+    data = SyntheticData(spec, mesh.dp_rank if mesh else 0, dims.dp)
+    trainer = Trainer(model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=data, mesh=mesh,
+                      cp_linear=pcfg.cp_linear)
+    trainer.expert_grad_divisor = layout["expert_grad_divisor"]
+    stats = [trainer.train_step(data.next_global_batch()) for _ in range(tcfg.max_steps)]
+    return {"losses": [s.loss for s in stats], "aux": [s.aux_loss for s in stats],
+            "grad_norms": [s.grad_norm for s in stats], "grads": optimizer.recorded}
+
+
+def assert_same_training(ref: dict, got: dict, label: str) -> None:
+    """Loss, aux loss, gradient norm and every gradient at every step, at 1e-5 * max(1, |ref|inf)."""
+    for step, (a, b) in enumerate(zip(ref["losses"], got["losses"])):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"{label}: step {step} loss {b} vs single process {a}"
+    for step, (a, b) in enumerate(zip(ref["aux"], got["aux"])):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"{label}: step {step} aux loss {b} vs {a}"
+    for step, (ga, gb) in enumerate(zip(ref["grads"], got["grads"])):
+        assert ga.keys() == gb.keys(), f"{label}: step {step} gradient names differ: {set(ga) ^ set(gb)}"
+        for name, a in ga.items():
+            b = gb[name]
+            assert a.shape == b.shape, f"{label}: {name} shape {tuple(b.shape)} vs {tuple(a.shape)}"
+            tol = 1e-5 * max(1.0, a.abs().max().item())
+            err = (a - b).abs().max().item()
+            assert err <= tol, f"{label}: step {step} grad of {name} differs by {err:.3g} (tol {tol:.3g})"
