@@ -14,7 +14,7 @@ from torch import nn
 
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.attention import MixerInputs, make_qkvo, project_qkv, softmax_core
-from sbtrain.models.layers import RMSNorm, feature_map
+from sbtrain.models.layers import RMSNorm, feature_map, local_tensor
 from sbtrain.models.linear_attention import key_tied_log_decay, linear_core
 
 
@@ -52,17 +52,21 @@ class HybridAttention(nn.Module):
         nn.init.constant_(self.beta_linear, self.beta_init)
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        # Under tensor parallelism sinks (by KV head) and betas (by channel) are sharded DTensors:
+        # this rank uses its slice, matching its heads of q/k/v.
+        sink_k, sink_v = local_tensor(self.sink_k), local_tensor(self.sink_v)
+        beta_attn, beta_linear = local_tensor(self.beta_attn), local_tensor(self.beta_linear)
         q_pre, k_pre, v = project_qkv(self, x, self.head_dim)
         attn = softmax_core(
             inputs.rotary(q_pre), inputs.rotary(k_pre), v,
-            window=self.window, inputs=inputs, sink_k=self.sink_k, sink_v=self.sink_v,
+            window=self.window, inputs=inputs, sink_k=sink_k, sink_v=sink_v,
         )
         if not self.shared:
             q_pre, k_pre, v = project_qkv(self, x, self.head_dim, prefix="linear_")
         g = key_tied_log_decay(k_pre)
         lin = linear_core(feature_map(q_pre, self.feature_map), feature_map(k_pre, self.feature_map), v, g, inputs)
-        attn = self.beta_attn * self.attn_norm(attn).flatten(2)
-        lin = self.beta_linear * self.linear_norm(lin).flatten(2)
+        attn = beta_attn * self.attn_norm(attn).flatten(2)
+        lin = beta_linear * self.linear_norm(lin).flatten(2)
         if self.shared:
             return self.o_proj(attn + lin)
         return 0.5 * (self.o_proj(attn) + self.linear_o_proj(lin))

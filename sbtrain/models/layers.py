@@ -36,6 +36,14 @@ class MLP(nn.Module):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def local_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a tensor-parallel DTensor parameter (a differentiable view), else ``t``.
+
+    Duck-typed on ``to_local`` so the model code needs no torch.distributed import."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The linear-attention feature map applied to q and k."""
     if kind == "relu":

@@ -62,8 +62,8 @@ class GatedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project_qkv(self, x, self.head_dim)
+        q, k, v = project_qkv(self, x, self.head_dim)  # under tensor parallelism: this rank's heads
         q, k = feature_map(q, self.feature_map), feature_map(k, self.feature_map)
-        g = F.logsigmoid(self.gk_proj(x).float()).view(B, T, self.num_kv_heads, self.head_dim) / self.gate_normalizer
+        g = F.logsigmoid(self.gk_proj(x).float()).view(B, T, -1, self.head_dim) / self.gate_normalizer
         o = linear_core(q, k, v, g, inputs)
         return self.o_proj(self.g_norm(o).flatten(2))

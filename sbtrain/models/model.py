@@ -5,6 +5,11 @@ return_logits=False)`` returns :class:`CausalLMOutput`. ``labels`` are aligned w
 ``input_ids`` (``labels[:, t]`` is the target of position t, i.e. already shifted; -100 is
 ignored). The loss is a SUM over target tokens in fp32 (``ops.linear_cross_entropy`` on the
 final hidden states, never full logits), so the trainer divides by the global token count.
+
+Under tensor parallelism (:mod:`sbtrain.models.parallelize`) the final hidden states are gathered
+along the sequence and the loss runs on this rank's vocabulary rows of lm_head with the TP group
+(the same chunked cross-entropy, vocabulary-parallel); loss_sum, num_tokens and aux_loss are then
+plain tensors identical on every TP rank.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sbtrain.models.hybrid import HybridAttention
 from sbtrain.models.layers import MLP, RMSNorm, Rotary, default_position_ids
 from sbtrain.models.linear_attention import GatedLinearAttention
 from sbtrain.models.moe import MoE
+from sbtrain.models.parallelize import gather_sequence, vocab_parallel_head
 
 
 @dataclass
@@ -157,12 +163,20 @@ class CausalLM(nn.Module):
         context_parallel: ContextParallel | None = None,
     ) -> CausalLMOutput:
         hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens, context_parallel=context_parallel)
+        hidden = gather_sequence(hidden)  # tensor parallel: sequence-sharded DTensor -> full local tensor
         loss_sum = num_tokens = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             flat_labels = labels.reshape(-1)
-            loss_sum = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, flat_labels)
+            flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+            shard = vocab_parallel_head(self.lm_head.weight)
+            if shard is None:
+                loss_sum = ops.linear_cross_entropy(flat_hidden, self.lm_head.weight, flat_labels)
+            else:  # vocabulary-sharded head: the returned hidden grad is already all-reduced
+                loss_sum = ops.linear_cross_entropy(
+                    flat_hidden, shard.weight, flat_labels, group=shard.group, vocab_start=shard.vocab_start
+                )
             num_tokens = (flat_labels != -100).sum()
         logits = self.lm_head(hidden).float() if return_logits else None
         return CausalLMOutput(loss_sum, num_tokens, aux, logits)

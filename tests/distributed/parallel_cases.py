@@ -17,7 +17,9 @@ from sbtrain.config.model import HybridConfig, ModelConfig, MoEConfig
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.models.build import build_model
+from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.distributed import make_mesh, parallelize
+from sbtrain.trainer.optim import build_optimizer
 from sbtrain.trainer.trainer import Trainer
 
 VOCAB = 96
@@ -96,7 +98,9 @@ class SyntheticData:
         self.step = state["step"]
 
 
-def train_case(spec: dict) -> dict:
+def build_case(spec: dict, seed: int = 0, checkpoint_dir: str | None = None) -> tuple[Trainer, SyntheticData]:
+    """A Trainer for ``spec`` on the current process group (or alone). ``spec["optim"]`` picks
+    ``sgd`` (default: a RecordingSGD) or ``adamw`` (the real optimizer, for checkpoint tests)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     mcfg = model_config(spec["model"], document_masking=bool(spec.get("docs")), **spec.get("model_over", {}))
     pcfg = ParallelConfig(**{k: spec[k] for k in ("dp_replicate", "cp", "tp", "ep", "cp_linear") if k in spec})
@@ -104,18 +108,42 @@ def train_case(spec: dict) -> dict:
                          seq_len=spec["seq_len"], max_steps=spec.get("steps", 3))
     dims = validate_parallel(pcfg, world, mcfg, tcfg)
     mesh = make_mesh(dims, torch.device("cpu"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(mcfg)
     layout = parallelize(model, mesh, pcfg, tcfg)
-    optimizer = RecordingSGD(model.named_parameters(), lr=0.5)
-    ocfg = OptimConfig(lr=0.5, schedule="constant", warmup_steps=0, clip_grad=spec.get("clip", 0.0))
+    ocfg = OptimConfig(lr=0.5 if spec.get("optim", "sgd") == "sgd" else 1e-2, schedule="constant", warmup_steps=0,
+                       clip_grad=spec.get("clip", 0.0))
+    if spec.get("optim", "sgd") == "sgd":
+        optimizer = RecordingSGD(model.named_parameters(), lr=ocfg.lr)
+    else:
+        optimizer = build_optimizer(model, ocfg)
     data = SyntheticData(spec, mesh.dp_rank if mesh else 0, dims.dp)
+    checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     trainer = Trainer(model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=data, mesh=mesh,
-                      cp_linear=pcfg.cp_linear)
+                      cp_linear=pcfg.cp_linear, checkpointer=checkpointer)
     trainer.expert_grad_divisor = layout["expert_grad_divisor"]
-    stats = [trainer.train_step(data.next_global_batch()) for _ in range(tcfg.max_steps)]
+    return trainer, data
+
+
+def train_case(spec: dict) -> dict:
+    trainer, data = build_case(spec)
+    stats = [trainer.train_step(data.next_global_batch()) for _ in range(trainer.cfg.max_steps)]
     return {"losses": [s.loss for s in stats], "aux": [s.aux_loss for s in stats],
-            "grad_norms": [s.grad_norm for s in stats], "grads": optimizer.recorded}
+            "grad_norms": [s.grad_norm for s in stats], "grads": trainer.optimizer.recorded}
+
+
+def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter and optimizer-state tensor as a full tensor, keyed by parameter name."""
+    out = {}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for n, p in trainer.model.named_parameters():
+        out[f"param/{n}"] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    for p, st in trainer.optimizer.state.items():
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                out[f"optim/{names[id(p)]}/{key}"] = (value.full_tensor() if isinstance(value, DTensor)
+                                                      else value).detach().clone()
+    return out
 
 
 def assert_same_training(ref: dict, got: dict, label: str) -> None:

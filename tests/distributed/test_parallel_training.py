@@ -61,4 +61,19 @@ def test_combined_meshes_equal_single_process():
         {**BASE, "model": "sb7b", "cp": 2, "docs": True},
         {**BASE, "model": "sb76b", "cp": 2},
         {**BASE, "model": "sb76b", "ep": 2},
+        {**BASE, "model": "qwen2", "dp_replicate": 2, "clip": 0.05},  # HSDP: 2 replicas x 2 shards
+    ], 4, timeout=600)
+
+
+def test_tensor_parallel_through_the_trainer_equals_single_process():
+    _check([{**BASE, "model": m, "tp": 2, "clip": 0.05} for m in ("qwen2", "sb7b", "sb76b")], 2)
+
+
+def test_combined_tensor_parallel_meshes_equal_single_process():
+    # dp x tp (FSDP over TP-sharded DTensors) and cp x tp on 4 processes.
+    _check([
+        {**BASE, "model": "sb7b", "tp": 2, "clip": 0.05},
+        {**BASE, "model": "sb76b", "tp": 2},
+        {**BASE, "model": "sb7b", "tp": 2, "cp": 2, "docs": True},
+        {**BASE, "model": "qwen2", "tp": 2, "cp": 2},
     ], 4, timeout=600)

@@ -1,0 +1,274 @@
+"""Tensor parallelism + Megatron-style sequence parallelism for every model of the zoo, as DTensor
+``parallelize_module`` plans (DESIGN.md §3: one plan per model, living with the model).
+
+Layout over the ``tp`` mesh (size P), with ``sequence_parallel=True``:
+
+- the residual stream between mixers / FFNs is sharded along the sequence (``Shard(1)``); the
+  RMSNorms run on their shard (``SequenceParallel``) and the sequence is all-gathered at the input
+  of each mixer / FFN (``PrepareModuleInput``), reduce-scattered at its row-parallel output;
+- embeddings: ``RowwiseParallel`` (vocabulary rows sharded, output ``Shard(1)``);
+- attention / GLA / hybrid: q/k/v ``ColwiseParallel`` (whole heads per rank: Hq/P query heads,
+  Hkv/P KV heads, so GQA groups never straddle ranks), o_proj ``RowwiseParallel``; the cores
+  (``ops.attention``, ``ops.gla``) see plain local tensors with fewer heads. GLA's gate: the
+  rank-``gate_rank`` first Linear replicated, the second column-parallel (per KV head), the
+  per-head output norm replicated. Hybrid: sink k/v ``[S,Hkv,D]`` sharded by KV head, betas by
+  channel, per-head norms replicated, the separate-branch ``linear_*`` projections like q/k/v/o;
+- dense FFN: gate/up ``ColwiseParallel``, down ``RowwiseParallel``;
+- MoE FFN: run *replicated* on the gathered tokens (router, experts and shared expert as
+  ``Replicate`` DTensors, every rank doing the whole layer). Correct but redundant P-fold: expert
+  parallelism (the ``ep`` mesh dimension) is the efficient path for MoE layers;
+- final norm ``SequenceParallel``; lm_head ``ColwiseParallel`` (vocabulary rows sharded).
+  ``CausalLM.forward`` gathers the final hidden states (:func:`gather_sequence`) and computes the
+  loss with the vocabulary-parallel chunked cross-entropy on this rank's head rows
+  (:func:`vocab_parallel_head`); full logits are never formed unless ``return_logits``.
+
+Without sequence parallelism the residual stream is replicated and the norms compute replicated.
+
+What comes out: every parameter is a DTensor on ``tp_mesh``; its gradient has the parameter's own
+placement (DTensor gives replicated parameters used on sharded activations partial-sum grads and
+the embedding a replicated full-vocabulary grad; a post-accumulate hook redistributes them, so
+optimizers and grad-norm clipping see grads placed like their parameters). ``CausalLMOutput.loss_sum``, ``num_tokens`` and ``aux_loss`` are plain
+tensors, identical on every rank of the TP group: the trainer must not sum them over it.
+Sequence lengths must be multiples of P with sequence parallelism (checked at each forward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from parallel import comm_stats
+from sbtrain.config.model import ConfigError, ModelConfig
+from sbtrain.models.attention import SoftmaxAttention
+from sbtrain.models.hybrid import HybridAttention
+from sbtrain.models.linear_attention import GatedLinearAttention
+
+
+def validate_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Raise :class:`ConfigError` if ``cfg`` cannot be split over ``tp`` ranks (heads, FFN, vocab)."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp={tp} must be >= 1")
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if hq % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={hq} is not divisible by parallel.tp={tp}: each rank needs whole query "
+            f"heads; choose parallel.tp among the divisors of {hq}"
+        )
+    if hkv % tp:
+        replicated = math.lcm(hkv, tp)
+        fix = (
+            f"or convert the checkpoint with each KV head repeated {replicated // hkv} times "
+            f"(model.num_key_value_heads={replicated}, same function, {replicated // hkv}x the KV cache)"
+            if hq % replicated == 0 else "(KV-head replication cannot help: query heads are not a multiple of tp)"
+        )
+        raise ConfigError(
+            f"model.num_key_value_heads={hkv} is not divisible by parallel.tp={tp}: each rank needs whole KV heads; "
+            f"choose parallel.tp among the divisors of {hkv}, {fix}"
+        )
+    has_dense_ffn = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    if has_dense_ffn and cfg.intermediate_size % tp:
+        raise ConfigError(
+            f"model.intermediate_size={cfg.intermediate_size} is not divisible by parallel.tp={tp}: the dense FFN "
+            f"is split by columns; choose parallel.tp dividing it"
+        )
+    if cfg.vocab_size % tp:
+        padded = -(-cfg.vocab_size // tp) * tp
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={tp}: embeddings and lm_head are "
+            f"split by vocabulary rows; pad the vocabulary to a multiple of tp (e.g. {padded}) or change parallel.tp"
+        )
+
+
+class ReplicatedCompute(ParallelStyle):
+    """Parameters become ``Replicate`` DTensors, but the module runs on plain local tensors (its
+    parameters swapped for differentiable local views during the forward): for modules whose ops
+    have no DTensor sharding rules (MoE dispatch, grouped GEMM) and whose inputs are identical on
+    every rank, so every rank computes the same full gradient (a ``Replicate`` gradient)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        slots = []
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is None:
+                    continue
+                dist_param = nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad)
+                owner.register_parameter(name, dist_param)
+                slots.append((owner, name))
+        compute = module.forward
+
+        def forward_on_local_parameters(*args, **kwargs):
+            saved = [owner._parameters[name] for owner, name in slots]
+            try:
+                for (owner, name), param in zip(slots, saved):
+                    owner._parameters[name] = param.to_local()  # autograd carries the grad back to the DTensor
+                return compute(*args, **kwargs)
+            finally:
+                for (owner, name), param in zip(slots, saved):
+                    owner._parameters[name] = param
+
+        module.forward = forward_on_local_parameters
+        return module
+
+
+class ShardParameters(ParallelStyle):
+    """Shard named parameters of a module (no input / output handling): the module reads them with
+    :func:`sbtrain.models.layers.local_tensor` (hybrid sinks by KV head, betas by channel)."""
+
+    def __init__(self, placements: dict[str, int]):
+        self.placements = placements
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, dim in self.placements.items():
+            param = getattr(module, name)
+            if param is not None:
+                module.register_parameter(name, nn.Parameter(distribute_tensor(param, device_mesh, [Shard(dim)])))
+        return module
+
+
+def _as_replicate_dtensor(module, inputs, device_mesh):
+    """Input hook: a plain (replicated) input becomes a ``Replicate`` DTensor for DTensor compute."""
+    x = inputs[0]
+    return x if isinstance(x, DTensor) else DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+
+
+def _mixer_plan(mixer: nn.Module, residual) -> dict[str, ParallelStyle]:
+    plan: dict[str, ParallelStyle] = {
+        "": PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None)),
+        "q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+        "o_proj": RowwiseParallel(output_layouts=residual),
+    }
+    if isinstance(mixer, GatedLinearAttention):
+        plan["gk_proj.1"] = ColwiseParallel()  # per KV head, like k
+        # Per-head norms: replicated weight on this rank's heads ([B,T,H_local,D] = "Shard(2)"); its
+        # grad is a partial sum over the ranks' heads, all-reduced by _grad_to_param_placement.
+        plan["g_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    elif isinstance(mixer, HybridAttention):
+        if not mixer.shared:
+            plan.update({f"linear_{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")})
+            plan["linear_o_proj"] = RowwiseParallel(output_layouts=residual)
+        plan["attn_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["linear_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    elif not isinstance(mixer, SoftmaxAttention):
+        raise TypeError(f"no tensor-parallel plan for mixer {type(mixer).__name__}; add one in {__name__}")
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
+    """Parallelize a :class:`sbtrain.models.CausalLM` in place over the 1-D ``tp_mesh``.
+
+    Every rank must hold the same initial weights (``distribute_tensor`` scatters rank 0's)."""
+    cfg = model.config
+    tp = tp_mesh.size()
+    validate_tensor_parallel(cfg, tp)
+    residual = Shard(1) if sequence_parallel else Replicate()
+    norm_style = SequenceParallel() if sequence_parallel else ReplicatedCompute()
+    parallelize_module(model, tp_mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        "model.norm": norm_style,
+        # Only used for return_logits (the loss takes the local rows directly): full logits out.
+        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+    })
+    for block in model.model.layers:
+        mixer = block.self_attn
+        plan = {f"self_attn.{k}" if k else "self_attn": v for k, v in _mixer_plan(mixer, residual).items()}
+        plan["input_layernorm"] = norm_style
+        plan["post_attention_layernorm"] = norm_style
+        if block.is_moe:
+            moe_plan = [ReplicatedCompute()]
+            if sequence_parallel:
+                moe_plan.insert(0, PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                      use_local_output=True))
+                moe_plan.append(PrepareModuleOutput(output_layouts=(Replicate(), None),
+                                                    desired_output_layouts=(Shard(1), None)))
+            for style in moe_plan:  # the hooks stack in this order
+                parallelize_module(block.mlp, tp_mesh, style)
+        else:
+            plan.update({
+                "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+            })
+        parallelize_module(block, tp_mesh, plan)
+        if isinstance(mixer, GatedLinearAttention):
+            distribute_module(mixer.gk_proj[0], tp_mesh, input_fn=_as_replicate_dtensor)  # rank-16: replicated
+        elif isinstance(mixer, HybridAttention):
+            parallelize_module(mixer, tp_mesh, ShardParameters(
+                {"sink_k": 1, "sink_v": 1, "beta_attn": 0, "beta_linear": 0}))
+    if cfg.tie_embeddings:  # both styles shard the vocabulary rows: one DTensor serves both
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            raise TypeError(f"parameter {name} was left out of the tensor-parallel plan; add it in {__name__}")
+        param.register_post_accumulate_grad_hook(_grad_to_param_placement)
+    if sequence_parallel:
+        model.register_forward_pre_hook(_check_sequence_divisible(tp), with_kwargs=True)
+    return model
+
+
+def _grad_to_param_placement(param: DTensor) -> None:
+    """Give the grad its parameter's placement. Replicated parameters used on sharded activations
+    (SP norms, GLA's gate, per-head norms) accumulate partial sums: all-reduced here. The
+    embedding's backward yields a replicated full-vocabulary grad: sliced here (no communication)."""
+    grad = param.grad
+    if isinstance(grad, DTensor) and grad.placements != param.placements:
+        if any(p.is_partial() for p in grad.placements):
+            comm_stats.record("tp_grad_allreduce", grad.to_local())
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
+
+
+def _check_sequence_divisible(tp: int):
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        if ids.shape[1] % tp:
+            raise ValueError(f"sequence length {ids.shape[1]} is not divisible by parallel.tp={tp} (sequence "
+                             f"parallelism shards it); choose trainer.seq_len as a multiple of tp")
+    return hook
+
+
+def gather_sequence(hidden: torch.Tensor) -> torch.Tensor:
+    """The full-sequence local tensor of a sequence-sharded DTensor (identity for plain tensors).
+
+    Its backward takes the replicated gradient (which the vocabulary-parallel cross-entropy
+    returns already all-reduced) and keeps this rank's slice: no second reduction."""
+    if isinstance(hidden, DTensor):
+        return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
+    return hidden
+
+
+@dataclass
+class VocabShard:
+    weight: torch.Tensor  # this rank's rows of the head, a plain tensor (differentiable view)
+    group: object  # the process group of the TP mesh
+    vocab_start: int  # global index of the first row
+
+
+def vocab_parallel_head(weight: torch.Tensor) -> VocabShard | None:
+    """This rank's vocabulary rows of a ``Shard(0)`` lm_head weight, or None if it is not sharded."""
+    if not isinstance(weight, DTensor):
+        return None
+    if tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"lm_head weight placements {weight.placements} are not (Shard(0),): only a "
+                         f"vocabulary-row-sharded head on a 1-D TP mesh is supported")
+    mesh = weight.device_mesh
+    rows_per_rank = -(-weight.shape[0] // mesh.size())  # torch.chunk semantics, as distribute_tensor
+    return VocabShard(weight.to_local(), mesh.get_group(), mesh.get_local_rank() * rows_per_rank)
+
+
+__all__ = [
+    "ReplicatedCompute", "ShardParameters", "VocabShard", "apply_tensor_parallel", "gather_sequence",
+    "validate_tensor_parallel", "vocab_parallel_head",
+]
