@@ -28,8 +28,8 @@ def _save_then_load(directory: str, save: dict, load: dict) -> dict:
 
 def _assert_equal_states(a: dict, b: dict, label: str) -> None:
     assert a.keys() == b.keys(), f"{label}: state keys differ: {sorted(set(a) ^ set(b))[:6]}"
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{label}: {key} differs after loading"
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), f"{label}: {key} differs after loading"
 
 
 @pytest.mark.parametrize("save,load", [
