@@ -10,7 +10,7 @@ EXTRAS     ?= dev
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench-ops bench-train lint clean help
+.PHONY: install test train bench-ops bench-train bench-cp lint clean help
 
 help:
 	@echo "make install    create $(VENV) and install sbtrain with pinned dependencies"
@@ -18,6 +18,7 @@ help:
 	@echo "make train      train the tiny hybrid model on the bundled corpus (CPU)"
 	@echo "make bench-ops  operator benchmark: chunked GLA vs causal SDPA (CPU)"
 	@echo "make bench-train training tokens/s: sb7b_tiny, qwen2_tiny, HF Qwen2 (CPU)"
+	@echo "make bench-cp   context parallel CP=1 vs CP=2: traffic, peak memory, step time (CPU, gloo)"
 
 install: $(VENV)/.installed
 
@@ -50,6 +51,12 @@ bench-ops: install
 
 bench-train: install
 	$(CPU_ALLOC) $(PY) benchmarks/train_throughput.py
+
+# e.g. BENCH_CP_ARGS="--lengths 2048,4096" for a quick run, "--models sb7b_tiny,sb76b_tiny" for Ulysses.
+BENCH_CP_ARGS ?=
+
+bench-cp: install
+	$(CPU_ALLOC) $(PY) benchmarks/cp_scaling.py $(BENCH_CP_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sbtrain parallel operators tests benchmarks

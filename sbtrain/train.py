@@ -117,6 +117,15 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     counts = count_parameters(model)  # before sharding: the model's true sizes
     layout = parallelize(model, mesh, pcfg, tcfg)
     optimizer = build_optimizer(model, ocfg)  # after FSDP: it steps the sharded parameters
+    engine = None
+    if pcfg.engine == "deepspeed" and mesh is not None:
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        ds = pcfg.deepspeed
+        engine = DeepSpeedEngine(model, optimizer, zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
+                                 clip_grad=ocfg.clip_grad or None, precision=tcfg.precision,
+                                 platform=None if ds.accelerator == "auto" else ds.accelerator)
+        model, optimizer = engine.module, engine.optimizer
     active_body = counts["params_active"] - counts["params_embedding"] - counts["params_lm_head"]
     fpt = flops_per_token(model_cfg, tcfg.seq_len, active_body, counts["params_lm_head"] or counts["params_embedding"])
     peak, peak_source = peak_flops(device, tcfg.precision, tcfg.peak_flops)
@@ -135,7 +144,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
         valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
         checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
-        mesh=mesh, cp_linear=pcfg.cp_linear,
+        mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine,
     )
     trainer.expert_grad_divisor = layout["expert_grad_divisor"]
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
@@ -170,6 +179,8 @@ def report(summary: dict) -> str:
 
 def task(cfg: DictConfig) -> None:
     summary = train(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # one report per job, not one per rank
     print(report(summary), flush=True)
     print(json.dumps({"summary": summary}), flush=True)
 

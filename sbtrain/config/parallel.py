@@ -103,22 +103,14 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
         if getattr(cfg, name) not in PARAM_DTYPES:
             raise ConfigError(f"parallel.{name}={getattr(cfg, name)!r} is unknown; use one of {PARAM_DTYPES}")
     dims = resolve_dims(cfg, world_size)
-    hq, hkv = model.num_attention_heads, model.num_key_value_heads
     if dims.tp > 1:
-        if hq % dims.tp or hkv % dims.tp:
-            raise ConfigError(
-                f"parallel.tp={dims.tp} must divide the query heads ({hq}) and the key-value heads ({hkv}) of "
-                f"model {model.name}; choose tp from the common divisors, or replicate the KV heads to a multiple "
-                f"of tp (convert with model.num_key_value_heads={dims.tp * ((hkv + dims.tp - 1) // dims.tp)} "
-                f"and repeated k/v projections), or use parallel.cp for long sequences instead"
-            )
-        for name, value in (("intermediate_size", model.intermediate_size), ("vocab_size", model.vocab_size)):
-            if value % dims.tp:
-                raise ConfigError(f"parallel.tp={dims.tp} must divide model.{name}={value}; choose another tp")
-    if dims.cp > 1 and trainer.seq_len % dims.cp:
+        from sbtrain.models.parallelize import validate_tensor_parallel  # the plan's own limits
+
+        validate_tensor_parallel(model, dims.tp)
+    if trainer.seq_len % (dims.cp * dims.tp):
         raise ConfigError(
-            f"trainer.seq_len={trainer.seq_len} is not divisible by parallel.cp={dims.cp}; choose a sequence "
-            f"length that is a multiple of cp (e.g. {trainer.seq_len - trainer.seq_len % dims.cp or dims.cp})"
+            f"trainer.seq_len={trainer.seq_len} must be divisible by parallel.cp*tp = {dims.cp}*{dims.tp} (context "
+            f"shards, then sequence-parallel shards of each); choose a multiple of {dims.cp * dims.tp}"
         )
     if dims.ep > 1:
         experts = model.moe.num_experts
@@ -140,16 +132,16 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
             f"parallel sharding too); use ep with dp/cp, or tp without ep (MoE layers then run replicated)"
         )
     if cfg.engine == "deepspeed":
-        if dims.tp > 1 or dims.ep > 1:
-            raise ConfigError(
-                f"parallel.engine=deepspeed combines with data and context parallelism only (got tp={dims.tp}, "
-                f"ep={dims.ep}); use parallel.engine=fsdp for tensor or expert parallelism"
-            )
+        from parallel.deepspeed_engine import validate_deepspeed
+
         if dims.dp_replicate > 1:
             raise ConfigError("parallel.engine=deepspeed has no replicate dimension; set parallel.dp_replicate=1 "
                               "and use dp_shard for the data-parallel degree")
-        if cfg.deepspeed.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"parallel.deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 1, 2 or 3")
+        try:
+            validate_deepspeed(cfg.deepspeed.zero_stage, tp=dims.tp, ep=dims.ep, cp=dims.cp,
+                               offload_optimizer=cfg.deepspeed.offload_optimizer, precision=trainer.precision)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     per_rank, rem = divmod(trainer.global_batch_size, dims.dp)
     if rem or per_rank % trainer.micro_batch_size:
         raise ConfigError(

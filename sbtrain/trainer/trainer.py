@@ -71,6 +71,7 @@ class Trainer:
         meta: dict | None = None,
         mesh: ParallelMesh | None = None,
         cp_linear: str = "allgather",
+        engine: Any | None = None,
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
         self.train_data, self.valid_data = train_data, valid_data
@@ -79,6 +80,9 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.meta = meta or {}
         self.mesh, self.cp_linear = mesh, cp_linear
+        # A DeepSpeed engine (parallel.deepspeed_engine) owns backward, clipping, the optimizer
+        # step and the optimizer state; None: plain autograd + torch optimizer (FSDP or one rank).
+        self.engine = engine
         self.loss_group = mesh.loss_mesh.get_group() if mesh is not None else None
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # target tokens trained on
@@ -133,7 +137,11 @@ class Trainer:
         raise ValueError("set trainer.max_steps or trainer.max_tokens (how long to train)")
 
     def state_dict(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if self.engine is not None:
+            engine_sd = self.engine.state_dict()
+            model_sd, optim_sd = engine_sd["model"], engine_sd["optim"]
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {
             "model": model_sd,
             "optim": optim_sd,
@@ -149,7 +157,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.engine is not None:
+            self.engine.load_state_dict({"model": state["model"], "optim": state["optim"]})
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.train_data.load_state_dict(state["data"])
         t = state["trainer"]
         self.step, self.tokens = int(t["step"]), int(t["tokens"])
@@ -169,8 +180,15 @@ class Trainer:
         """``auto``: newest good checkpoint if any; ``never``; or a checkpoint path."""
         if self.checkpointer is None or resume == "never":
             return None
+        if resume == "auto" and not self.checkpointer.candidates():
+            return None  # a fresh run: do not build a load template at all (see below)
+        # The template materialises the optimizer state (DCP's get_state_dict takes a zero-lr
+        # step); if nothing is loaded into it, drop it again, or AdamW's step count would start
+        # at 1 and the first real update would use the wrong bias correction.
         state = self.state_dict()
         meta = self.checkpointer.load(state, None if resume == "auto" else resume)
+        if meta is None and self.engine is None:
+            self.optimizer.state.clear()
         if meta is not None:
             self.load_state_dict(state)
             self._saved_step = self.step
@@ -224,7 +242,10 @@ class Trainer:
                 # its sequences' aux loss (shares sum to the whole), hence the factor cp.
                 objective = objective + out.aux_loss * (self.cp_size / len(micro_batches))
                 aux_sum += out.aux_loss.detach().double() * (self.cp_size / len(micro_batches))
-            objective.backward()
+            if self.engine is not None:
+                self.engine.backward(objective)
+            else:
+                objective.backward()
             loss_sum += out.loss_sum.detach().double()
             for i, moe in enumerate(self.balancers):
                 load = moe.last_tokens_per_expert.detach().double()
@@ -232,6 +253,8 @@ class Trainer:
         loss_sum = self._all_reduce(loss_sum)
         loss = (loss_sum / global_tokens).item()
         aux_sum = self._all_reduce(aux_sum) / self.grad_reduce_size
+        if self.engine is not None:
+            return self._engine_step(loss, global_tokens, float(aux_sum), loads)
         if self.expert_grad_divisor is not None:
             scale_expert_grads(*self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.params, self.optim_cfg.clip_grad)
@@ -246,6 +269,20 @@ class Trainer:
                 if load is not None:
                     moe.update_expert_bias(self._all_reduce(load))
         return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped)
+
+    def _engine_step(self, loss: float, global_tokens: int, aux: float, loads: list) -> StepStats:
+        """The optimizer step through a DeepSpeed engine: it reduces, clips and skips non-finite
+        gradients itself; a non-finite loss skips the step before the engine sees it."""
+        if not math.isfinite(loss):
+            self.engine.zero_grad()
+            return StepStats(loss, global_tokens, aux, float("nan"), True)
+        grad_norm, stepped = self.engine.step(lr_at(self.step, self.total_steps, self.optim_cfg))
+        self.engine.zero_grad()
+        if stepped:
+            for moe, load in zip(self.balancers, loads):
+                if load is not None:
+                    moe.update_expert_bias(self._all_reduce(load))
+        return StepStats(loss, global_tokens, aux, grad_norm, not stepped)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -56,7 +56,7 @@ class RecordingSGD(torch.optim.SGD):
         grads = {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and id(p) in self.names:  # (DeepSpeed steps flat partitions)
                     g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                     grads[self.names[id(p)]] = g.detach().clone()
         self.recorded.append(grads)
@@ -103,7 +103,9 @@ def build_case(spec: dict, seed: int = 0, checkpoint_dir: str | None = None) -> 
     ``sgd`` (default: a RecordingSGD) or ``adamw`` (the real optimizer, for checkpoint tests)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     mcfg = model_config(spec["model"], document_masking=bool(spec.get("docs")), **spec.get("model_over", {}))
-    pcfg = ParallelConfig(**{k: spec[k] for k in ("dp_replicate", "cp", "tp", "ep", "cp_linear") if k in spec})
+    pcfg = ParallelConfig(**{k: spec[k] for k in ("dp_replicate", "cp", "tp", "ep", "cp_linear", "engine") if k in spec})
+    if "zero_stage" in spec:
+        pcfg.deepspeed.zero_stage = spec["zero_stage"]
     tcfg = TrainerConfig(global_batch_size=spec["global_batch"], micro_batch_size=spec["micro_batch"],
                          seq_len=spec["seq_len"], max_steps=spec.get("steps", 3))
     dims = validate_parallel(pcfg, world, mcfg, tcfg)
@@ -117,23 +119,36 @@ def build_case(spec: dict, seed: int = 0, checkpoint_dir: str | None = None) -> 
         optimizer = RecordingSGD(model.named_parameters(), lr=ocfg.lr)
     else:
         optimizer = build_optimizer(model, ocfg)
+    engine = None
+    if pcfg.engine == "deepspeed" and mesh is not None:
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(model, optimizer, zero_stage=pcfg.deepspeed.zero_stage, clip_grad=ocfg.clip_grad or None)
+        model, optimizer = engine.module, engine.optimizer
     data = SyntheticData(spec, mesh.dp_rank if mesh else 0, dims.dp)
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     trainer = Trainer(model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=data, mesh=mesh,
-                      cp_linear=pcfg.cp_linear, checkpointer=checkpointer)
+                      cp_linear=pcfg.cp_linear, checkpointer=checkpointer, engine=engine)
     trainer.expert_grad_divisor = layout["expert_grad_divisor"]
     return trainer, data
 
 
 def train_case(spec: dict) -> dict:
     trainer, data = build_case(spec)
-    stats = [trainer.train_step(data.next_global_batch()) for _ in range(trainer.cfg.max_steps)]
+    stats, params = [], []
+    for _ in range(trainer.cfg.max_steps):
+        stats.append(trainer.train_step(data.next_global_batch()))
+        params.append({k[len("param/"):]: v for k, v in full_state(trainer).items() if k.startswith("param/")})
     return {"losses": [s.loss for s in stats], "aux": [s.aux_loss for s in stats],
-            "grad_norms": [s.grad_norm for s in stats], "grads": trainer.optimizer.recorded}
+            "grad_norms": [s.grad_norm for s in stats], "params": params,
+            # A DeepSpeed engine steps its own flat partitions: gradients by name only without it.
+            "grads": getattr(trainer.optimizer, "recorded", None)}
 
 
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every parameter and optimizer-state tensor as a full tensor, keyed by parameter name."""
+    if trainer.engine is not None:
+        return {f"param/{k}": v.detach().clone() for k, v in trainer.engine.state_dict()["model"].items()}
     out = {}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     for n, p in trainer.model.named_parameters():
@@ -152,7 +167,13 @@ def assert_same_training(ref: dict, got: dict, label: str) -> None:
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"{label}: step {step} loss {b} vs single process {a}"
     for step, (a, b) in enumerate(zip(ref["aux"], got["aux"])):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"{label}: step {step} aux loss {b} vs {a}"
-    for step, (ga, gb) in enumerate(zip(ref["grads"], got["grads"])):
+    for step, (a, b) in enumerate(zip(ref["grad_norms"], got["grad_norms"])):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"{label}: step {step} grad norm {b} vs {a}"
+    for step, (pa, pb) in enumerate(zip(ref["params"], got["params"])):
+        for name, a in pa.items():
+            err = (a - pb[name]).abs().max().item()
+            assert err <= 1e-5 * max(1.0, a.abs().max().item()), f"{label}: step {step} {name} differs by {err:.3g}"
+    for step, (ga, gb) in enumerate(zip(ref["grads"], got["grads"] or ref["grads"])):
         assert ga.keys() == gb.keys(), f"{label}: step {step} gradient names differ: {set(ga) ^ set(gb)}"
         for name, a in ga.items():
             b = gb[name]

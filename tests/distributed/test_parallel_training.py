@@ -77,3 +77,10 @@ def test_combined_tensor_parallel_meshes_equal_single_process():
         {**BASE, "model": "sb7b", "tp": 2, "cp": 2, "docs": True},
         {**BASE, "model": "qwen2", "tp": 2, "cp": 2},
     ], 4, timeout=600)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_through_the_trainer_equals_single_process(stage):
+    # Parameters after every step, loss and clipped gradient norm (ZeRO steps flat partitions,
+    # so gradients are compared through the parameters they move).
+    _check([{**BASE, "model": "sb7b", "engine": "deepspeed", "zero_stage": stage, "clip": 0.05}], 2)
