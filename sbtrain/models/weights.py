@@ -1,0 +1,170 @@
+"""The sbtrain *weights directory*: a model's weights and its exact config, nothing else.
+
+Written by ``sbtrain-convert`` (a converted Transformer) and read by ``trainer.init_from`` and
+``sbtrain-export``::
+
+    <dir>/config.yaml                        the ModelConfig (every key; loads with to_model_config)
+    <dir>/model.safetensors                  one file, or HF-style shards:
+    <dir>/model-00001-of-00003.safetensors     ...
+    <dir>/model.safetensors.index.json       {"metadata": {...}, "weight_map": {name: file}}
+    <dir>/tokenizer/                         optional: the tokenizer the model was trained with
+    <dir>/provenance.json                    optional: where the weights came from
+
+Tensor names are the model's state-dict names (HF's: ``model.layers.{i}.self_attn.q_proj.weight``);
+expert weights are ``[E, Din, Dout]``. safetensors only: loading never unpickles anything.
+Shards are written as they fill, so a caller that streams tensors (conversion) holds at most
+one shard in memory besides what it is computing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sbtrain.config.model import ConfigError, ModelConfig
+
+CONFIG = "config.yaml"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class WeightsError(ValueError):
+    """A weights directory that is missing, incomplete or for another model."""
+
+
+def save_config(cfg: ModelConfig, directory: str | os.PathLike) -> Path:
+    path = Path(directory) / CONFIG
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return path
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    from sbtrain.models.build import to_model_config
+
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise WeightsError(f"{directory} is not an sbtrain weights directory: {CONFIG} is missing")
+    return to_model_config(OmegaConf.load(path))
+
+
+def save_weights(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, directory: str | os.PathLike,
+                 max_shard_bytes: int = 4 * 2**30, metadata: dict | None = None) -> Path:
+    """Write ``(name, tensor)`` pairs (any iterable, e.g. a generator) and the config into
+    ``directory`` atomically: a temporary sibling directory renamed at the end."""
+    final = Path(directory)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+    seen: set[int] = set()
+
+    def flush() -> None:
+        nonlocal size
+        name = f"shard-{len(files):05d}.safetensors"
+        save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+        files.append(name)
+        for key in shards[-1]:
+            weight_map[key] = name
+        shards[-1] = {}
+        size = 0
+
+    for name, tensor in tensors:
+        if name in weight_map or name in shards[-1]:
+            raise WeightsError(f"tensor {name!r} given twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            flush()
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.data_ptr() in seen:
+            tensor = tensor.clone()  # tied weights: safetensors stores no aliases, so write a copy
+        seen.add(tensor.data_ptr())
+        shards[-1][name] = tensor
+        size += nbytes
+    if shards[-1] or not files:
+        flush()
+    if len(files) == 1:
+        (tmp / files[0]).rename(tmp / SINGLE)
+    else:
+        total = len(files)
+        renames = {f: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, f in enumerate(files)}
+        for old, new in renames.items():
+            (tmp / old).rename(tmp / new)
+        index = {"metadata": dict(metadata or {}), "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    save_config(cfg, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """``{tensor name: file}`` of a weights directory (or any HF-style safetensors folder)."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise WeightsError(f"{directory}: shard(s) {missing} named in {INDEX} are missing; copy the complete folder")
+        return {name: directory / f for name, f in weight_map.items()}
+    if (directory / SINGLE).is_file():
+        with safe_open(str(directory / SINGLE), framework="pt") as f:
+            return {name: directory / SINGLE for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    raise WeightsError(f"{directory} holds no {SINGLE} and no {INDEX}")
+
+
+def iter_weights(directory: str | os.PathLike, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream tensors file by file (each file opened once, tensors read lazily)."""
+    files = weight_files(directory)
+    wanted = list(files) if names is None else list(names)
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name not in files:
+            raise WeightsError(f"{directory}: tensor {name!r} is missing")
+        by_file.setdefault(files[name], []).append(name)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+
+def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConfig:
+    """Copy a weights directory into ``model`` (same config required; every tensor, exact
+    shapes). Returns the directory's config. Call before any parallel wrapping."""
+    cfg = load_config(directory)
+    mine = model.config
+    if OmegaConf.structured(cfg) != OmegaConf.structured(mine):
+        a, b = OmegaConf.to_container(OmegaConf.structured(cfg)), OmegaConf.to_container(OmegaConf.structured(mine))
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        raise ConfigError(
+            f"weights in {directory} are for another model: config differs in {diff} (theirs, ours); build the model "
+            f"from {directory}/{CONFIG} (model=... overrides must match it)"
+        )
+    state = model.state_dict()
+    files = weight_files(directory)
+    missing = sorted(set(state) - set(files))
+    extra = sorted(set(files) - set(state))
+    if missing or extra:
+        raise WeightsError(f"{directory} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, tensor in iter_weights(directory, state):
+            if tuple(tensor.shape) != tuple(state[name].shape):
+                raise WeightsError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the model "
+                                   f"{tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+    return cfg
+
+
+__all__ = ["WeightsError", "iter_weights", "load_config", "load_into", "save_config", "save_weights", "weight_files"]
