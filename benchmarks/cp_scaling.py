@@ -95,7 +95,8 @@ def measure_case(spec: dict) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     mcfg, T, n_steps = spec["model_cfg"], spec["seq_len"], spec["warmup"] + spec["steps"]
     pcfg = ParallelConfig(cp=spec["cp"], cp_linear=spec["cp_linear"])
-    tcfg = TrainerConfig(global_batch_size=1, micro_batch_size=1, seq_len=T, max_steps=n_steps, precision="fp32")
+    tcfg = TrainerConfig(global_batch_size=1, micro_batch_size=1, seq_len=T, max_steps=n_steps, precision="fp32",
+                         activation_checkpointing=spec["ac"])
     dims = validate_parallel(pcfg, world, mcfg, tcfg)
     tcfg.validate(dims.dp)
     mesh = make_mesh(dims, torch.device("cpu"))
@@ -134,7 +135,7 @@ def measure_case(spec: dict) -> dict:
 
 # -- in the parent ---------------------------------------------------------------------------------
 def run_case(name: str, cfg, T: int, cp: int, args) -> dict:
-    spec = {"model_cfg": cfg, "seq_len": T, "cp": cp, "cp_linear": args.cp_linear, "threads": args.threads,
+    spec = {"model_cfg": cfg, "seq_len": T, "cp": cp, "cp_linear": args.cp_linear, "threads": args.threads, "ac": args.ac,
             "warmup": args.warmup, "steps": args.steps}
     ranks = run_distributed(measure_case, cp, spec, reuse=False, timeout=args.timeout)
     kinds = sorted({k for r in ranks for k in r["sent_per_step"]})
@@ -233,6 +234,8 @@ def main(argv=None) -> None:
     p.add_argument("--cp-linear", default="allgather", choices=("allgather", "scan"), help="GLA CP exchange")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (counted in peak memory)")
+    p.add_argument("--ac", default="none", choices=("none", "selective", "full"),
+                   help="activation checkpointing for every configuration alike (long sequences on small hosts)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (same for every CP)")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per configuration before giving up")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
@@ -265,7 +268,7 @@ def main(argv=None) -> None:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']} CP={c['cp']}: {c['target']} (got {c['value']:.3f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads_per_rank": args.threads, "allocator": alloc, "micro_batch": 1,
+    meta = {"torch": torch.__version__, "threads_per_rank": args.threads, "activation_checkpointing": args.ac, "allocator": alloc, "micro_batch": 1,
             "dtype": "float32", "cp_linear": args.cp_linear, "warmup_steps": args.warmup, "timed_steps": args.steps,
             "memory_measure": MEMORY_MEASURE, "traffic_measure": COMM_MEASURE}
     (out / "cp_scaling.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks}, indent=1))

@@ -222,12 +222,13 @@ class DeepSpeedEngine:
 
         return GatheredParameters(external, modifier_rank=None)
 
-    def step(self, lr: float) -> tuple[float, bool]:
+    def step(self, lr: float | None) -> tuple[float, bool]:
         """Reduce, clip at ``clip_grad`` and update with learning rate ``lr`` (every param group);
         return the global gradient norm and whether the step was taken. DeepSpeed skips the
         update (and drops the gradients) when the gradients are not finite."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if lr is not None:  # None: the caller has set each group's lr already
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")

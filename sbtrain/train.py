@@ -95,6 +95,14 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     lcfg = OmegaConf.to_object(cfg.logger)
     validate_logger(lcfg)
     model_cfg = to_model_config(cfg.model)
+    if tcfg.init_from:
+        # A converted (or any saved) model brings its own architecture; only training-time
+        # switches come from the model group.
+        from sbtrain.models.weights import load_config
+
+        document_masking = model_cfg.document_masking
+        model_cfg = load_config(tcfg.init_from)
+        model_cfg.document_masking = document_masking
     data_cfg = OmegaConf.to_object(cfg.data).validate()
     device = pick_device(tcfg.device)
     world = init_process_group(device)
@@ -114,6 +122,11 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     valid = PackedBatches(loader, tcfg.eval_batches * tcfg.micro_batch_size or None) if data_cfg.valid_fraction else None
 
     model = build_model(model_cfg, device=device)
+    if tcfg.init_from:
+        from sbtrain.models.weights import load_into
+
+        load_into(model, tcfg.init_from)
+        log.info("initialised from %s", tcfg.init_from)
     counts = count_parameters(model)  # before sharding: the model's true sizes
     layout = parallelize(model, mesh, pcfg, tcfg)
     optimizer = build_optimizer(model, ocfg)  # after FSDP: it steps the sharded parameters
@@ -140,11 +153,24 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     if lcfg.console:
         callbacks.append(ConsoleProgress(tcfg.log_every))
     callbacks.append(WandbLogger(lcfg.wandb.mode, lcfg.wandb.project, lcfg.wandb.name, str(out), resolved))
+    teacher, dcfg = None, OmegaConf.to_object(cfg.distill)
+    if dcfg.weight:
+        if not dcfg.teacher:
+            raise ConfigError("distill.weight > 0 needs distill.teacher=DIR (a weights directory)")
+        if mesh is not None and (mesh.cp > 1 or mesh.tp > 1 or pcfg.engine != "fsdp"):
+            raise ConfigError("distillation runs with data parallelism (FSDP) only for now: set parallel.cp=1, "
+                              "parallel.tp=1, parallel.engine=fsdp, or distill.weight=0")
+        from sbtrain.trainer.distill import load_teacher
+
+        teacher = load_teacher(dcfg.teacher, device)
+        if teacher.config.vocab_size != model_cfg.vocab_size:
+            raise ConfigError(f"distill.teacher has vocab_size={teacher.config.vocab_size}, the student "
+                              f"{model_cfg.vocab_size}: distillation needs the same tokenizer")
     trainer = Trainer(
         model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
         valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
         checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
-        mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine,
+        mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine, teacher=teacher, distill_cfg=dcfg,
     )
     trainer.expert_grad_divisor = layout["expert_grad_divisor"]
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,

@@ -39,6 +39,7 @@ class TrainerConfig:
     peak_flops: float | None = None  # FLOP/s the MFU is quoted against; default: device table / CPU matmul
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, loss curve, resolved config
     resume: str = "auto"  # auto (newest good checkpoint in out_dir) | never | PATH
+    init_from: str | None = None  # start a new run from a weights directory (sbtrain-convert output)
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self, dp_size: int = 1) -> TrainerConfig:
@@ -64,6 +65,28 @@ class TrainerConfig:
 
 
 @dataclass
+class NewParamsConfig:
+    """Parameters a conversion added (the Transformer had none of them): their own learning rate
+    and warmup, and an optional first phase in which only they train (frozen body)."""
+
+    patterns: list[str] = field(default_factory=lambda: [
+        "gk_proj", "g_norm", "attn_norm", "linear_norm", "beta_attn", "beta_linear", "sink_k", "sink_v", "router",
+    ])  # name substrings
+    lr: float | None = None  # their peak lr (None: optim.lr)
+    warmup_steps: int | None = None  # their warmup (None: optim.warmup_steps)
+    freeze_body_steps: int = 0  # the first N steps update only the new parameters (the body's lr is 0)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a teacher's logits (the report mentions it as an option after conversion)."""
+
+    teacher: str | None = None  # a weights directory (sbtrain-convert output of the teacher, or any sbtrain model)
+    weight: float = 0.0  # the KL term's weight beside the LM loss (0: off)
+    temperature: float = 1.0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear / wsd)
@@ -77,6 +100,7 @@ class OptimConfig:
     no_decay: list[str] = field(default_factory=lambda: ["embed_tokens", "gk_proj", "sink", "router"])
     clip_grad: float = 1.0  # on the global gradient norm (0: no clipping)
     foreach: bool | None = None
+    new_params: NewParamsConfig = field(default_factory=NewParamsConfig)
 
 
 @dataclass
@@ -106,6 +130,7 @@ class TrainConfig:
     model: Any = MISSING  # ModelConfig, from the model group
     data: Any = MISSING  # DataConfig, from the data group
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -36,6 +36,10 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+# Config fields that change how a model is trained, not what its weights mean.
+TRAINING_TIME_FIELDS = ("document_masking", "name")
+
+
 class WeightsError(ValueError):
     """A weights directory that is missing, incomplete or for another model."""
 
@@ -144,10 +148,9 @@ def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConf
     """Copy a weights directory into ``model`` (same config required; every tensor, exact
     shapes). Returns the directory's config. Call before any parallel wrapping."""
     cfg = load_config(directory)
-    mine = model.config
-    if OmegaConf.structured(cfg) != OmegaConf.structured(mine):
-        a, b = OmegaConf.to_container(OmegaConf.structured(cfg)), OmegaConf.to_container(OmegaConf.structured(mine))
-        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    a, b = OmegaConf.to_container(OmegaConf.structured(cfg)), OmegaConf.to_container(OmegaConf.structured(model.config))
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in TRAINING_TIME_FIELDS}
+    if diff:
         raise ConfigError(
             f"weights in {directory} are for another model: config differs in {diff} (theirs, ours); build the model "
             f"from {directory}/{CONFIG} (model=... overrides must match it)"

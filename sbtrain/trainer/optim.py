@@ -19,17 +19,27 @@ def no_decay(name: str, param: torch.Tensor, patterns: Iterable[str]) -> bool:
     return param.ndim < 2 or any(p in name for p in patterns)
 
 
+def is_new_param(name: str, cfg) -> bool:
+    """A parameter that conversion added (gates, branch norms, betas, sinks, router): matched by
+    name against ``optim.new_params.patterns``."""
+    return any(p in name for p in cfg.new_params.patterns)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    decay, keep = [], []
+    """AdamW over four groups: (body | new) x (decay | no decay). Each group carries its
+    ``role`` so that :func:`apply_lr` can give the new parameters their own schedule."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (keep if no_decay(name, param, cfg.no_decay) else decay).append(param)
+            role = "new" if is_new_param(name, cfg) else "body"
+            groups.setdefault((role, no_decay(name, param, cfg.no_decay)), []).append(param)
+    order = [("body", False), ("body", True), ("new", False), ("new", True)]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": keep, "weight_decay": 0.0},
+        {"params": groups[key], "weight_decay": 0.0 if key[1] else cfg.weight_decay, "role": key[0]}
+        for key in order if groups.get(key)
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        groups,
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
@@ -64,6 +74,25 @@ def lr_at(step: int, total_steps: int, cfg) -> float:
     raise ValueError(f"optim.schedule={cfg.schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def new_params_lr_at(step: int, total_steps: int, cfg) -> float:
+    """The new parameters' schedule: the body's shape with their own peak and warmup."""
+    new = cfg.new_params
+    lr = cfg.lr if new.lr is None else new.lr
+    warmup = cfg.warmup_steps if new.warmup_steps is None else new.warmup_steps
+    return lr_at(step, total_steps, _Schedule(cfg, lr, warmup))
+
+
+class _Schedule:
+    def __init__(self, cfg, lr: float, warmup_steps: int):
+        self.lr, self.warmup_steps = lr, warmup_steps
+        self.min_lr_ratio, self.schedule, self.decay_fraction = cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg) -> float:
+    """Set every group's lr for ``step``; returns the body's. During the first
+    ``new_params.freeze_body_steps`` steps the body's lr is 0: only the new parameters train."""
+    body = 0.0 if step < cfg.new_params.freeze_body_steps else lr_at(step, total_steps, cfg)
+    new = new_params_lr_at(step, total_steps, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = new if group.get("role") == "new" else body
+    return body

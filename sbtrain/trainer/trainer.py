@@ -29,7 +29,8 @@ from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import ParallelMesh
 from sbtrain.trainer.callbacks import Callback
 from sbtrain.trainer.checkpoint import Checkpointer
-from sbtrain.trainer.optim import lr_at, set_lr
+from sbtrain.trainer.distill import kd_loss_sum
+from sbtrain.trainer.optim import apply_lr
 
 log = logging.getLogger("sbtrain.train")
 
@@ -51,6 +52,7 @@ class StepStats:
     aux_loss: float
     grad_norm: float
     skipped: bool
+    kd_loss: float = 0.0  # distillation KL per target token (0 without a teacher)
 
 
 class Trainer:
@@ -72,6 +74,8 @@ class Trainer:
         mesh: ParallelMesh | None = None,
         cp_linear: str = "allgather",
         engine: Any | None = None,
+        teacher: torch.nn.Module | None = None,
+        distill_cfg: Any | None = None,  # DistillConfig: weight, temperature
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
         self.train_data, self.valid_data = train_data, valid_data
@@ -83,6 +87,7 @@ class Trainer:
         # A DeepSpeed engine (parallel.deepspeed_engine) owns backward, clipping, the optimizer
         # step and the optimizer state; None: plain autograd + torch optimizer (FSDP or one rank).
         self.engine = engine
+        self.teacher, self.distill_cfg = teacher, distill_cfg
         self.loss_group = mesh.loss_mesh.get_group() if mesh is not None else None
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # target tokens trained on
@@ -232,11 +237,18 @@ class Trainer:
         scale = self.grad_reduce_size / global_tokens
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_sum = torch.zeros((), dtype=torch.float64)
+        kd_sum = torch.zeros((), dtype=torch.float64)
         loads = [None] * len(self.balancers)
         for mb in micro_batches:
             with self._autocast():
-                out = self.model(**mb)
+                out = self.model(**mb, return_logits=self.teacher is not None)
             objective = out.loss_sum * scale
+            if self.teacher is not None:
+                with torch.no_grad(), self._autocast():
+                    teacher_logits = self.teacher(**mb, return_logits=True).logits
+                kd = kd_loss_sum(out.logits, teacher_logits, mb["labels"], self.distill_cfg.temperature)
+                objective = objective + self.distill_cfg.weight * kd * scale
+                kd_sum += kd.detach().double()
             if out.aux_loss is not None and torch.is_tensor(out.aux_loss):
                 # Mean over micro batches and DP ranks. Under CP each rank returns its share of
                 # its sequences' aux loss (shares sum to the whole), hence the factor cp.
@@ -253,8 +265,11 @@ class Trainer:
         loss_sum = self._all_reduce(loss_sum)
         loss = (loss_sum / global_tokens).item()
         aux_sum = self._all_reduce(aux_sum) / self.grad_reduce_size
+        kd = float(self._all_reduce(kd_sum) / global_tokens) if self.teacher is not None else 0.0
         if self.engine is not None:
-            return self._engine_step(loss, global_tokens, float(aux_sum), loads)
+            stats = self._engine_step(loss, global_tokens, float(aux_sum), loads)
+            stats.kd_loss = kd
+            return stats
         if self.expert_grad_divisor is not None:
             scale_expert_grads(*self.expert_grad_divisor)
         grad_norm = clip_grad_norm_(self.params, self.optim_cfg.clip_grad)
@@ -262,13 +277,13 @@ class Trainer:
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.optim_cfg))
+            apply_lr(self.optimizer, self.step, self.total_steps, self.optim_cfg)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             for moe, load in zip(self.balancers, loads):
                 if load is not None:
                     moe.update_expert_bias(self._all_reduce(load))
-        return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped)
+        return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped, kd)
 
     def _engine_step(self, loss: float, global_tokens: int, aux: float, loads: list) -> StepStats:
         """The optimizer step through a DeepSpeed engine: it reduces, clips and skips non-finite
@@ -276,7 +291,8 @@ class Trainer:
         if not math.isfinite(loss):
             self.engine.zero_grad()
             return StepStats(loss, global_tokens, aux, float("nan"), True)
-        grad_norm, stepped = self.engine.step(lr_at(self.step, self.total_steps, self.optim_cfg))
+        apply_lr(self.engine.optimizer, self.step, self.total_steps, self.optim_cfg)
+        grad_norm, stepped = self.engine.step(None)
         self.engine.zero_grad()
         if stepped:
             for moe, load in zip(self.balancers, loads):
@@ -374,6 +390,7 @@ class Trainer:
             "tokens": self.tokens,
             "loss": stats.loss,
             "aux_loss": stats.aux_loss,
+            **({"kd_loss": stats.kd_loss} if self.teacher is not None else {}),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": stats.grad_norm,
             "skipped": int(stats.skipped),

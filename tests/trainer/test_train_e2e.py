@@ -9,52 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from sbtrain.cli.app import RECIPES_DIR
-from sbtrain.config.data import DataConfig, TokenizerConfig
 from sbtrain.models.model import CausalLM
-from sbtrain.train import train
 from sbtrain.trainer.trainer import NonFiniteLossError
-from tests.corpus import make_docs, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model=sb7b_tiny", "model.vocab_size=320", "model.hidden_size=64", "model.num_layers=2",
-    "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.intermediate_size=128",
-    "model.sliding_window=16", "trainer.seq_len=32", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-    "optim.lr=3e-3", "optim.warmup_steps=2", "logger.console=false", "logger.wandb.mode=disabled",
-    "logger.plot=false", "data.valid_fraction=0.05",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from sbtrain.data import build_indexed_dataset
-
-    root = tmp_path_factory.mktemp("train_corpus")
-    write_jsonl(root / "docs.jsonl", make_docs(400, seed=3))
-    data = DataConfig(paths=[str(root / "docs.jsonl")], output=str(root / "ds"))
-    build_indexed_dataset(data, TokenizerConfig(kind="train_bpe", vocab_size=300))
-    return str(root / "ds")
-
-
-def run(dataset: str, out: Path, *extra: str) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMALL, f"data.datasets=[{dataset}]", f"trainer.out_dir={out}", *extra])
-    return train(cfg)
-
-
-def losses(out: Path, kind: str = "train") -> dict:
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    key = "loss" if kind == "train" else "valid_loss"
-    return {r["step"]: r[key] for r in records if r["kind"] == kind}
+from tests.trainer.e2e import ROOT, SMALL, losses, run
 
 
 def test_resumed_run_reproduces_uninterrupted_losses_bit_for_bit(dataset, tmp_path):
