@@ -1,0 +1,79 @@
+"""Hugging Face config of an exported sbtrain model (``model_type="sbtrain"``).
+
+Copied verbatim into every exported folder and loaded with ``trust_remote_code=True``: it
+imports only transformers, never sbtrain, so the folder works where sbtrain is not installed.
+
+Names follow sbtrain's ``ModelConfig`` except where HF has a standard name:
+``num_hidden_layers`` (sbtrain ``num_layers``), ``tie_word_embeddings`` (``tie_embeddings``),
+``layer_kinds`` (the expanded ``layer_pattern``, one kind per layer; HF reserves ``layer_types``
+  for its own attention kinds) and ``sliding_window``,
+which is HF's convention, W past tokens + the current one = sbtrain's ``sliding_window + 1``.
+``gla``, ``hybrid`` and ``moe`` are the sbtrain sub-configs as plain dicts.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+LAYER_KINDS = ("full", "swa", "gla", "hybrid_full", "hybrid_swa")
+
+
+class SbtrainConfig(PretrainedConfig):
+    model_type = "sbtrain"
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        intermediate_size: int = 768,
+        rms_norm_eps: float = 1e-6,
+        rope_base: float = 1_000_000.0,
+        attention_bias: bool = True,
+        tie_word_embeddings: bool = False,
+        sliding_window: int = 513,
+        layer_kinds: list[str] | None = None,
+        gla: dict | None = None,
+        hybrid: dict | None = None,
+        moe: dict | None = None,
+        initializer_range: float = 0.02,
+        use_cache: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_base = rope_base
+        self.attention_bias = attention_bias
+        self.tie_word_embeddings = tie_word_embeddings
+        self.sliding_window = sliding_window
+        self.layer_kinds = list(layer_kinds) if layer_kinds is not None else ["full"] * num_hidden_layers
+        self.gla = dict(gla or {"gate_rank": 16, "gate_normalizer": 16.0, "feature_map": "relu"})
+        self.hybrid = dict(hybrid or {"share_branch_projections": True, "num_sink_tokens": 0, "beta_init": 0.5,
+                                      "feature_map": "sigmoid"})
+        self.moe = dict(moe or {"num_experts": 0})
+        self.initializer_range = initializer_range
+        # No decode cache yet: generate() recomputes the whole sequence each step (see modeling_sbtrain).
+        self.use_cache = use_cache
+        bad = [kind for kind in self.layer_kinds if kind not in LAYER_KINDS]
+        if bad or len(self.layer_kinds) != num_hidden_layers:
+            raise ValueError(f"layer_kinds={self.layer_kinds} must list one of {LAYER_KINDS} for each of the "
+                             f"{num_hidden_layers} layers")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window} counts the current token (HF convention), so it must "
+                             "be >= 1")
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return int(self.moe.get("num_experts", 0)) > 0 and index not in set(self.moe.get("dense_layers", []))
+
+
+__all__ = ["SbtrainConfig"]

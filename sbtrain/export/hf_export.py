@@ -1,0 +1,226 @@
+"""sbtrain model -> Hugging Face folder that ``AutoModelForCausalLM.from_pretrained(out,
+trust_remote_code=True)`` loads without sbtrain installed.
+
+The source (``ckpt``) is either an sbtrain *weights directory* (``config.yaml`` + safetensors,
+:mod:`sbtrain.models.weights`) or a *training checkpoint*: one ``step_XXXXXXXX`` DCP directory,
+or a run's ``checkpoints/`` directory (its ``latest``, falling back to the newest intact one).
+The folder written::
+
+    config.json                    model_type "sbtrain", auto_map -> the two .py files below
+    configuration_sbtrain.py       standalone copies (torch + transformers only)
+    modeling_sbtrain.py
+    model.safetensors              or model-0000i-of-0000N.safetensors + model.safetensors.index.json
+    config.yaml                    the exact sbtrain ModelConfig (for re-import into sbtrain)
+    generation_config.json         use_cache false: the exported code has no decode cache yet
+    tokenizer files                from tokenizer (tokenizer.path=DIR on the CLI), the weights dir's tokenizer/, or the run's data manifest
+
+Everything goes into a hidden sibling temp directory that is renamed onto ``out`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from sbtrain.config.model import ConfigError, ModelConfig
+from sbtrain.models.build import build_model, to_model_config
+from sbtrain.models.model import CausalLM
+from sbtrain.models.weights import CONFIG, WeightsError, load_config, load_into, save_weights
+
+HERE = Path(__file__).resolve().parent
+CODE_FILES = ("configuration_sbtrain.py", "modeling_sbtrain.py")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+class ExportError(ConfigError):
+    """A ``ckpt`` / ``out`` / ``tokenizer`` / ``dtype`` value the export cannot use."""
+
+
+def resolve_source(ckpt: str | os.PathLike) -> tuple[str, Path]:
+    """``("weights", dir)`` or ``("training", step_dir)`` for what ``ckpt`` names."""
+    from sbtrain.trainer.checkpoint import STEP_DIR, Checkpointer, verify
+
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise ExportError(f"ckpt={ckpt} is not a directory; give a weights directory (with {CONFIG}) or a training "
+                          "checkpoint (checkpoints/step_XXXXXXXX or the run's checkpoints/ directory)")
+    if (path / CONFIG).is_file():
+        return "weights", path
+    if STEP_DIR.match(path.name) and (path / "meta.json").is_file():
+        reason = verify(path)
+        if reason is not None:
+            raise ExportError(f"ckpt={ckpt} is a damaged training checkpoint: {reason}; export an earlier step")
+        return "training", path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"  # a run's out_dir
+    candidates = Checkpointer(path).candidates()
+    for candidate in candidates:
+        if verify(candidate) is None:
+            return "training", candidate
+    if candidates:
+        raise ExportError(f"ckpt={ckpt}: none of its checkpoints {[c.name for c in candidates]} is intact")
+    raise ExportError(f"ckpt={ckpt} is neither an sbtrain weights directory (no {CONFIG}) nor a training checkpoint "
+                      "(no step_XXXXXXXX/meta.json, no checkpoints/ with a latest); point ckpt= at one of those")
+
+
+def load_training_checkpoint(step_dir: Path) -> CausalLM:
+    """Build the run's model from ``meta.json`` and load its tensors (``model/<name>`` in DCP)."""
+    import torch.distributed.checkpoint as dcp
+
+    from sbtrain.trainer.checkpoint import Checkpointer
+
+    meta = json.loads((step_dir / "meta.json").read_text())
+    model_node = (meta.get("config") or {}).get("model")
+    if model_node is None:
+        raise ExportError(f"{step_dir}/meta.json has no config.model (the run's resolved model config); "
+                          "was it written by sbtrain-train?")
+    model = build_model(to_model_config(model_node), device="cpu")
+    saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    state = model.state_dict()
+    if model.config.tie_embeddings and "model/lm_head.weight" not in saved:
+        state.pop("lm_head.weight", None)  # a tied alias a checkpoint may store only once
+    missing = sorted(name for name in state if f"model/{name}" not in saved)
+    if missing:
+        raise ExportError(f"{step_dir} lacks model tensors {missing[:3]} (and {max(len(missing) - 3, 0)} more): "
+                          "its meta.json config does not match its tensors")
+    Checkpointer(step_dir.parent).load({"model": state}, step_dir)  # verified, loaded in place
+    model.tie_weights()
+    return model
+
+
+def load_source(ckpt: str | os.PathLike) -> tuple[CausalLM, Path, str]:
+    """The model with its weights, the resolved source directory and its kind."""
+    kind, path = resolve_source(ckpt)
+    if kind == "weights":
+        model = build_model(load_config(path), device="cpu")
+        load_into(model, path)
+    else:
+        model = load_training_checkpoint(path)
+    return model.eval(), path, kind
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for :class:`configuration_sbtrain.SbtrainConfig` (see its docstring for names)."""
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return {
+        "model_type": "sbtrain",
+        "architectures": ["SbtrainForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_sbtrain.SbtrainConfig",
+            "AutoModelForCausalLM": "modeling_sbtrain.SbtrainForCausalLM",
+        },
+        "name": cfg.name,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_base": cfg.rope_base,
+        "attention_bias": cfg.attention_bias,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window + 1,  # HF counts the current token
+        "layer_kinds": cfg.layer_types(),
+        "gla": plain["gla"],
+        "hybrid": plain["hybrid"],
+        "moe": plain["moe"],
+        "initializer_range": cfg.init_std,
+        "use_cache": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def find_tokenizer(source: Path, kind: str, tokenizer: str | os.PathLike | None) -> Path | None:
+    """``tokenizer`` if given; else the weights dir's ``tokenizer/``; else the tokenizer named in
+    the training run's first dataset manifest, when that folder still exists."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ExportError(f"tokenizer.path={tokenizer} is not a tokenizer folder (none of {TOKENIZER_FILES[:3]}...)")
+        return path
+    if kind == "weights":
+        return source / "tokenizer" if (source / "tokenizer").is_dir() else None
+    try:
+        config = json.loads((source / "meta.json").read_text())["config"]
+        manifest = json.loads((Path(config["data"]["datasets"][0]) / "manifest.json").read_text())
+        path = Path(manifest["tokenizer"]["path"])
+    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        return None
+    return path if path.is_dir() else None
+
+
+def is_model_file(name: str) -> bool:
+    """Files of ours a tokenizer folder (possibly a whole HF model folder) must not overwrite."""
+    reserved = {"config.json", "generation_config.json", CONFIG, "model.safetensors.index.json", *CODE_FILES}
+    return name in reserved or name.endswith((".safetensors", ".bin", ".py", ".pt"))
+
+
+def is_previous_export(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "sbtrain"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+           dtype: str | None = None, max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write the HF folder for ``ckpt`` at ``out`` (replacing it atomically); returns ``out``."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype} is not supported; use one of {sorted(DTYPES)} or leave it unset to keep "
+                          "the checkpoint's dtype")
+    try:
+        model, source, kind = load_source(ckpt)
+    except WeightsError as exc:
+        raise ExportError(f"ckpt={ckpt}: {exc}") from exc
+    cfg = model.config
+    out = Path(out)
+    if out.resolve() == source.resolve():
+        raise ExportError(f"out={out} is the source checkpoint; choose another directory")
+    if out.exists() and any(out.iterdir()) and not is_previous_export(out):
+        raise ExportError(f"out={out} exists and is not an earlier sbtrain export; choose an empty or new directory")
+    target = DTYPES[dtype] if dtype is not None else model.model.embed_tokens.weight.dtype
+    names = [n for n in model.state_dict() if not (cfg.tie_embeddings and n == "lm_head.weight")]
+    state = model.state_dict()
+
+    def tensors():
+        for name in names:
+            tensor = state[name]
+            # The router's expert bias is fp32 by design (a selection offset); everything else follows dtype.
+            yield name, tensor if name.endswith("expert_bias") else tensor.to(target)
+
+    total = sum(state[n].numel() * (4 if n.endswith("expert_bias") else target.itemsize) for n in names)
+    tmp = out.with_name(f".{out.name}.export.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(tensors(), cfg, tmp, max_shard_bytes=max_shard_bytes, metadata={"total_size": total})
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, target), indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps({"use_cache": False, "do_sample": False}, indent=1))
+    for name in CODE_FILES:
+        shutil.copyfile(HERE / name, tmp / name)
+    tok = find_tokenizer(source, kind, tokenizer)
+    if tok is not None:
+        for file in tok.iterdir():
+            if file.is_file() and not is_model_file(file.name):
+                shutil.copyfile(file, tmp / file.name)
+    if out.exists():  # move the old export aside first so `out` is never half-written
+        old = out.with_name(f".{out.name}.export.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+__all__ = ["ExportError", "export", "hf_config", "load_source", "resolve_source"]
