@@ -162,13 +162,14 @@ def main() -> None:
     tokenizer_dir = Path(args.data) / "tokenizer"
     for stage in todo:
         if stage == "convert":
-            from sbtrain.convert import convert_hf
+            from sbtrain.convert import ConvertConfig, convert_hf
 
             teacher, _ = final_model(stages["teacher"])
             hf_dir = write_teacher_as_hf(teacher, tokenizer_dir, out / "teacher_hf")
             for target in ("sb7b", "sb76b"):
                 if not (out / f"{target}_init" / "config.yaml").exists():
-                    convert_hf(hf_dir, target, out / f"{target}_init", recipe=f"{target}_tiny")
+                    convert_hf(ConvertConfig(from_hf=str(hf_dir), target=f"{target}_tiny",
+                                             out=str(out / f"{target}_init")))
             continue
         run_stage(stage, stages.get(stage) or converted[stage])
     if args.stage != "all":

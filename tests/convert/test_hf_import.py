@@ -1,0 +1,133 @@
+"""``convert_hf`` against HF Transformers: a conversion whose layers all become SWA with a
+window >= T is exact (logits within 1e-4 fp32) for Qwen2 (q/k/v bias) and Llama (no bias), from
+single-file and sharded folders, untied and tied embeddings; Mistral's own sliding window is carried over with the W = HF - 1
+convention (and HF's value itself would be caught). sb76b: upcycled experts, random routers,
+reused projections, loads with ``load_into``; the CLI writes the same thing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sbtrain.convert import ConvertConfig, UpcycleConfig, convert_hf
+from sbtrain.convert.upcycle import upcycle_factors
+from sbtrain.models.weights import weight_files
+from tests.convert.helpers import hf_model, load_converted, save_hf
+
+T = 12
+
+
+def logits_diff(ours, hf, ids) -> float:
+    with torch.no_grad():
+        return (ours(ids, return_logits=True).logits - hf(input_ids=ids).logits.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("model_type, shard, tie", [("qwen2", None, False), ("qwen2", "20KB", False),
+                                                    ("llama", "20KB", False), ("llama", None, True)])
+def test_all_swa_conversion_reproduces_hf_logits(tmp_path, model_type, shard, tie):
+    hf = hf_model(model_type, tie=tie)
+    src = save_hf(hf, tmp_path / "hf", shard=shard)
+    assert (src / "model.safetensors.index.json").is_file() == (shard is not None)
+    out = convert_hf(ConvertConfig(from_hf=str(src), target="sb7b", out=str(tmp_path / "out"),
+                                   layer_pattern=["swa"], window=64))
+    ours = load_converted(out)
+    assert ours.config.layer_types() == ["swa", "swa"] and ours.config.sliding_window == 64
+    assert ours.config.attention_bias == (model_type == "qwen2") and ours.config.tie_embeddings == tie
+    ids = torch.randint(0, 96, (2, T))
+    assert logits_diff(ours, hf, ids) < 1e-4
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["generation_config.json", "tokenizer.json",
+                                                                     "tokenizer_config.json"]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["source_model_type"] == model_type and len(provenance["source_config_sha256"]) == 64
+    assert provenance["mapping"]["tensors"] == {"copy": len(weight_files(out))}
+
+
+def test_mistral_window_is_hf_minus_one(tmp_path):
+    hf = hf_model("mistral", sliding_window=5)  # HF: 5 tokens including the current one
+    src = save_hf(hf, tmp_path / "hf")
+    ids = torch.randint(0, 96, (2, T))
+    out = convert_hf(ConvertConfig(from_hf=str(src), out=str(tmp_path / "out"), layer_pattern=["swa"]))
+    ours = load_converted(out)
+    assert ours.config.sliding_window == 4
+    assert json.loads((out / "provenance.json").read_text())["window_from"] == "source's sliding_window - 1"
+    assert logits_diff(ours, hf, ids) < 1e-4
+    # HF's number taken as ours (off by one) is caught: the window matters at this length.
+    wrong = load_converted(convert_hf(ConvertConfig(from_hf=str(src), out=str(tmp_path / "w"), layer_pattern=["swa"],
+                                                    window=5)))
+    assert logits_diff(wrong, hf, ids) > 1e-3
+
+
+def test_sb7b_default_pattern_gates_are_new_and_small(tmp_path):
+    src = save_hf(hf_model("qwen2"), tmp_path / "hf")
+    out = convert_hf(ConvertConfig(from_hf=str(src), target="sb7b", out=str(tmp_path / "out")))
+    ours = load_converted(out)
+    assert ours.config.layer_types() == ["gla", "swa"] and ours.config.sliding_window == 4096
+    sd = ours.state_dict()
+    gate = sd["model.layers.0.self_attn.gk_proj.0.weight"]
+    assert 0.01 < gate.std().item() < 0.03  # init_std 0.02
+    assert torch.equal(sd["model.layers.0.self_attn.gk_proj.1.bias"], torch.zeros(16))
+    assert torch.equal(sd["model.layers.0.self_attn.g_norm.weight"], torch.ones(8))
+    with torch.no_grad():
+        assert torch.isfinite(ours(torch.randint(0, 96, (1, T)), return_logits=True).logits).all()
+
+
+@pytest.mark.parametrize("scale", ["report", "exact"])
+def test_sb76b_upcycled_experts_router_and_reused_projections(tmp_path, scale):
+    src = save_hf(hf_model("qwen2", num_layers=4), tmp_path / "hf", shard="30KB")
+    cfg = ConvertConfig(from_hf=str(src), target="sb76b", out=str(tmp_path / "out"), num_sink_tokens=4,
+                        share_branch_projections=False,
+                        upcycle=UpcycleConfig(scale=scale, num_experts=4, top_k=1, num_shared_experts=1))
+    out = convert_hf(cfg)
+    ours = load_converted(out)
+    c = ours.config
+    # sb76b keeps 0,1,2 dense (its 4,6,... do not exist here); full attention every 7th counted from the last.
+    assert [c.is_moe_layer(i) for i in range(4)] == [False, False, False, True]
+    assert c.layer_types() == ["hybrid_swa", "hybrid_swa", "hybrid_swa", "hybrid_full"]
+    hf_sd = {k: v for k, v in hf_model("qwen2", num_layers=4).state_dict().items()}
+    sd = ours.state_dict()
+    f = upcycle_factors(scale, 4, 1, 1)
+    if scale == "report":
+        assert abs(f["alpha"] - 1.25 ** (-1 / 3)) < 1e-12  # (S + k/N)^(-1/3), S=1, k=1, N=4
+    for which in ("gate", "up", "down"):
+        dense = hf_sd[f"model.layers.3.mlp.{which}_proj.weight"]
+        experts = sd[f"model.layers.3.mlp.experts.{which}_proj"]
+        assert experts.shape == (4, *dense.t().shape)
+        for e in range(4):
+            torch.testing.assert_close(experts[e], f[which] * dense.t(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(sd[f"model.layers.3.mlp.shared_expert.{which}_proj.weight"], f[which] * dense,
+                                   rtol=1e-6, atol=0)
+        assert torch.equal(sd[f"model.layers.2.mlp.{which}_proj.weight"], hf_sd[f"model.layers.2.mlp.{which}_proj.weight"])
+    if scale == "exact":
+        assert f["gate"] == 1.0 and abs(f["up"] * f["down"] - 0.8) < 1e-12
+    router = sd["model.layers.3.mlp.router.weight"]
+    assert router.shape == (4, 32) and 0.01 < router.std().item() < 0.03
+    for proj in ("q", "k", "v", "o"):
+        ref = hf_sd[f"model.layers.1.self_attn.{proj}_proj.weight"]
+        assert torch.equal(sd[f"model.layers.1.self_attn.{proj}_proj.weight"], ref)
+        assert torch.equal(sd[f"model.layers.1.self_attn.linear_{proj}_proj.weight"], ref)
+    assert sd["model.layers.0.self_attn.sink_k"].shape == (4, 2, 8)
+    assert torch.equal(sd["model.layers.0.self_attn.beta_attn"], torch.full((32,), 0.5))
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["upcycle"]["scale"] == scale and provenance["mapping"]["tensors"]["upcycle"] == 6
+    with torch.no_grad():
+        assert torch.isfinite(ours(torch.randint(0, 96, (1, T)), return_logits=True).logits).all()
+
+
+def test_cli_writes_the_conversion(tmp_path, capsys):
+    from sbtrain.cli import convert as cli
+    from sbtrain.cli.app import run_app
+
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    out = tmp_path / "out"
+    run_app(cli.task, "convert", [f"from_hf={src}", "target=sb7b", f"out={out}", "layer_pattern=[gla,swa]",
+                                  "window=8"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["out"] == str(out) and line["window"] == 8 and line["layer_types"] == ["gla", "swa"]
+    assert load_converted(out).config.sliding_window == 8
+    with pytest.raises(SystemExit) as exc:  # a typo in a key is an error naming the key
+        run_app(cli.task, "convert", [f"from_hf={src}", f"out={out}", "windw=8"])
+    assert exc.value.code == 2 and "window" in capsys.readouterr().err
