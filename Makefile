@@ -10,7 +10,7 @@ EXTRAS     ?= dev
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench-ops bench-train bench-cp lint clean help
+.PHONY: install test train bench-ops bench-train bench-cp bench-convert lint clean help
 
 help:
 	@echo "make install    create $(VENV) and install sbtrain with pinned dependencies"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-ops  operator benchmark: chunked GLA vs causal SDPA (CPU)"
 	@echo "make bench-train training tokens/s: sb7b_tiny, qwen2_tiny, HF Qwen2 (CPU)"
 	@echo "make bench-cp   context parallel CP=1 vs CP=2: traffic, peak memory, step time (CPU, gloo)"
+	@echo "make bench-convert  teacher -> converted sb7b/sb76b vs from scratch (about an hour on 2 cores)"
 
 install: $(VENV)/.installed
 
@@ -57,6 +58,12 @@ BENCH_CP_ARGS ?=
 
 bench-cp: install
 	$(CPU_ALLOC) $(PY) benchmarks/cp_scaling.py $(BENCH_CP_ARGS)
+
+# e.g. BENCH_CONVERT_ARGS="--tokens 300000 --skip-76b" for a quicker run.
+BENCH_CONVERT_ARGS ?=
+
+bench-convert: install $(STDLIB)/tokenized/manifest.json
+	$(CPU_ALLOC) $(PY) benchmarks/conversion_mini.py $(BENCH_CONVERT_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sbtrain parallel operators tests benchmarks
