@@ -35,6 +35,7 @@ def _assert_equal_states(a: dict, b: dict, label: str) -> None:
 @pytest.mark.parametrize("save,load", [
     ({"dp_replicate": 1}, {"cp": 2}),  # save dp=2 (FSDP), load cp=2
     ({"cp": 2}, {"dp_replicate": 1}),  # save cp=2, load dp=2
+    ({"dp_replicate": 1}, {"tp": 2}),  # save dp=2 (FSDP), load tp=2 (DTensor TP plan)
 ])
 def test_checkpoint_loads_at_another_layout(tmp_path, save, load):
     specs = ({**BASE, "model": "sb7b", **save}, {**BASE, "model": "sb7b", **load})

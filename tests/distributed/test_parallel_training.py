@@ -84,3 +84,8 @@ def test_deepspeed_zero_through_the_trainer_equals_single_process(stage):
     # Parameters after every step, loss and clipped gradient norm (ZeRO steps flat partitions,
     # so gradients are compared through the parameters they move).
     _check([{**BASE, "model": "sb7b", "engine": "deepspeed", "zero_stage": stage, "clip": 0.05}], 2)
+
+
+def test_deepspeed_with_context_parallel_equals_single_process():
+    # DeepSpeed reduces over the whole world: the cp ranks are just more data ranks to it.
+    _check([{**BASE, "model": "sb7b", "engine": "deepspeed", "zero_stage": 2, "cp": 2, "docs": True}], 2)
