@@ -18,6 +18,6 @@ swiglu = define_op("swiglu", swiglu_reference)
 rotary = define_op("rotary", rotary_reference)
 grouped_mm = define_op("grouped_mm", grouped_mm_reference)
 linear_cross_entropy = define_op("linear_cross_entropy", linear_cross_entropy_reference)
-
 # Backends register on import (keep this list in step with docs/ARCHITECTURE.md).
 from operators import backends  # noqa: F401
+from operators.spike import spike  # noqa: F401  defines op "spike" (its reference lives there)

@@ -24,6 +24,11 @@ from hydra.core.config_store import ConfigStore
 LAYER_KINDS = ("full", "swa", "gla", "hybrid_full", "hybrid_swa")
 ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
 FEATURE_MAPS = ("relu", "sigmoid", "identity")
+SPIKE_MODES = ("off", "eval", "train")
+# Modules whose input is spiked, by the last component of their name (``linear_`` prefixes of the
+# 76B's separate branch projections are ignored): attention q/k/v/o, the GLA low-rank gate, the
+# FFN gate/up (dense and shared expert), the MoE router and the routed experts' gate/up input.
+SPIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj", "gate_proj", "up_proj", "router", "experts")
 
 
 class ConfigError(ValueError):
@@ -69,6 +74,17 @@ class MoEConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Spiking activations (DESIGN.md §5, ``sbtrain.models.spiking``): off, at eval only, or trained."""
+
+    mode: str = "off"  # off | eval (only when the model is in eval mode, post hoc) | train (also in training, STE)
+    k: float = 3.0  # V_th = mean(|x|) / k per token
+    max_count: int | None = None  # clamp spike counts to [-max_count, max_count]; None: no clamp
+    targets: list[str] = field(default_factory=lambda: list(SPIKE_TARGETS))
+    spike_down_proj: bool = False  # FFN down_proj input (the public code leaves it out)
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     vocab_size: int = 8192
@@ -89,6 +105,7 @@ class ModelConfig:
     gla: GLAConfig = field(default_factory=GLAConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -142,7 +159,22 @@ class ModelConfig:
         if self.hybrid.num_sink_tokens < 0:
             raise ConfigError(f"model.hybrid.num_sink_tokens={self.hybrid.num_sink_tokens} must be >= 0")
         self._validate_moe()
+        self._validate_spike()
         return self
+
+    def _validate_spike(self) -> None:
+        spike = self.spike
+        if spike.mode not in SPIKE_MODES:
+            raise ConfigError(f"model.spike.mode={spike.mode!r} is unknown; use one of {SPIKE_MODES}")
+        if not spike.k > 0:
+            raise ConfigError(f"model.spike.k={spike.k} must be positive (V_th = mean(|x|) / k; default 3)")
+        if spike.max_count is not None and spike.max_count < 1:
+            raise ConfigError(f"model.spike.max_count={spike.max_count} must be >= 1, or null for no clamp")
+        for target in spike.targets:
+            if target == "down_proj":
+                raise ConfigError("model.spike.targets must not list down_proj; set model.spike.spike_down_proj=true")
+            if target not in SPIKE_TARGETS:
+                raise ConfigError(f"model.spike.targets entry {target!r} is unknown; use entries of {SPIKE_TARGETS}")
 
     def _validate_moe(self) -> None:
         moe = self.moe

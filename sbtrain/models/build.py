@@ -12,6 +12,7 @@ from sbtrain.config.model import ModelConfig
 from sbtrain.models.layers import RMSNorm
 from sbtrain.models.model import CausalLM
 from sbtrain.models.moe import MoE
+from sbtrain.models.spiking import apply_spiking
 
 
 def to_model_config(cfg: ModelConfig | DictConfig | dict) -> ModelConfig:
@@ -29,6 +30,7 @@ def build_model(cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype
     """The model on ``device``; real devices get :func:`init_weights`, ``meta`` allocates nothing."""
     model_cfg = to_model_config(cfg)
     model = CausalLM(model_cfg, device=device, dtype=dtype)
+    apply_spiking(model)  # model.spike: hooks on the chosen linear inputs (none when mode=off)
     if torch.device(device).type != "meta":
         init_weights(model)
     return model

@@ -37,7 +37,7 @@ INDEX = "model.safetensors.index.json"
 
 
 # Config fields that change how a model is trained, not what its weights mean.
-TRAINING_TIME_FIELDS = ("document_masking", "name")
+TRAINING_TIME_FIELDS = ("document_masking", "name", "spike")
 
 
 class WeightsError(ValueError):
