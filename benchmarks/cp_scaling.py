@@ -98,15 +98,14 @@ def measure_case(spec: dict) -> dict:
     tcfg = TrainerConfig(global_batch_size=1, micro_batch_size=1, seq_len=T, max_steps=n_steps, precision="fp32",
                          activation_checkpointing=spec["ac"])
     dims = validate_parallel(pcfg, world, mcfg, tcfg)
-    tcfg.validate(dims.dp)
     mesh = make_mesh(dims, torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(mcfg)
     layout = parallelize(model, mesh, pcfg, tcfg)
     ocfg = OptimConfig(schedule="constant", warmup_steps=0)
     trainer = Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg, optim_cfg=ocfg,
-                      train_data=None, mesh=mesh, cp_linear=pcfg.cp_linear)
-    trainer.expert_grad_divisor = layout["expert_grad_divisor"]
+                      train_data=None, mesh=mesh, cp_linear=pcfg.cp_linear,
+                      expert_grad_divisor=layout["expert_grad_divisor"])
     # Every rank draws the same full sequences; the trainer keeps this rank's CP shard.
     batches = []
     for step in range(n_steps):

@@ -91,6 +91,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     tcfg = OmegaConf.to_object(cfg.trainer)
     pcfg = OmegaConf.to_object(cfg.parallel)
     ocfg = OmegaConf.to_object(cfg.optim)
+    ocfg.new_params.validate()
     ckcfg = OmegaConf.to_object(cfg.checkpoint)
     lcfg = OmegaConf.to_object(cfg.logger)
     validate_logger(lcfg)
@@ -107,7 +108,6 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     device = pick_device(tcfg.device)
     world = init_process_group(device)
     dims = validate_parallel(pcfg, world, model_cfg, tcfg)  # every layout error before anything is built
-    tcfg.validate(dims.dp)
     mesh = make_mesh(dims, device)
     rank0 = mesh is None or torch.distributed.get_rank() == 0
     out = Path(tcfg.out_dir)
@@ -153,10 +153,8 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     if lcfg.console:
         callbacks.append(ConsoleProgress(tcfg.log_every))
     callbacks.append(WandbLogger(lcfg.wandb.mode, lcfg.wandb.project, lcfg.wandb.name, str(out), resolved))
-    teacher, dcfg = None, OmegaConf.to_object(cfg.distill)
+    teacher, dcfg = None, OmegaConf.to_object(cfg.distill).validate()
     if dcfg.weight:
-        if not dcfg.teacher:
-            raise ConfigError("distill.weight > 0 needs distill.teacher=DIR (a weights directory)")
         if mesh is not None and (mesh.cp > 1 or mesh.tp > 1 or pcfg.engine != "fsdp"):
             raise ConfigError("distillation runs with data parallelism (FSDP) only for now: set parallel.cp=1, "
                               "parallel.tp=1, parallel.engine=fsdp, or distill.weight=0")
@@ -171,8 +169,8 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
         checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
         mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine, teacher=teacher, distill_cfg=dcfg,
+        expert_grad_divisor=layout["expert_grad_divisor"],
     )
-    trainer.expert_grad_divisor = layout["expert_grad_divisor"]
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
              json.dumps(counts), fpt, peak, peak_source, device)
     return trainer, {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "checkpoints": str(out / "checkpoints")}

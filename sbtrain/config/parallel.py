@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sbtrain.config.model import ConfigError, ModelConfig
 
 ENGINES = ("fsdp", "deepspeed")
+ACCELERATORS = ("auto", "cpu", "cuda", "maca")
 CP_LINEAR = ("allgather", "scan")
 PARAM_DTYPES = ("fp32", "bf16")
 
@@ -94,9 +95,13 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
 
 
 def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, trainer) -> ParallelDims:
-    """Every layout error before anything is built. ``trainer`` is the TrainerConfig."""
+    """Every layout error before anything is built, the trainer's own checks against the
+    resolved data-parallel size included. ``trainer`` is the TrainerConfig."""
     if cfg.engine not in ENGINES:
         raise ConfigError(f"parallel.engine={cfg.engine!r} is unknown; use one of {ENGINES}")
+    if cfg.deepspeed.accelerator not in ACCELERATORS:
+        raise ConfigError(f"parallel.deepspeed.accelerator={cfg.deepspeed.accelerator!r} is unknown; use one of "
+                          f"{ACCELERATORS}")
     if cfg.cp_linear not in CP_LINEAR:
         raise ConfigError(f"parallel.cp_linear={cfg.cp_linear!r} is unknown; use one of {CP_LINEAR}")
     for name in ("param_dtype", "reduce_dtype"):
@@ -142,12 +147,7 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
                                offload_optimizer=cfg.deepspeed.offload_optimizer, precision=trainer.precision)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    per_rank, rem = divmod(trainer.global_batch_size, dims.dp)
-    if rem or per_rank % trainer.micro_batch_size:
-        raise ConfigError(
-            f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of trainer.micro_batch_size="
-            f"{trainer.micro_batch_size} x data-parallel size {dims.dp} (dp_replicate*dp_shard); change one of them"
-        )
+    trainer.validate(dims.dp)  # batch sizes against the data-parallel size (one check, one message)
     return dims
 
 

@@ -76,6 +76,15 @@ class NewParamsConfig:
     warmup_steps: int | None = None  # their warmup (None: optim.warmup_steps)
     freeze_body_steps: int = 0  # the first N steps update only the new parameters (the body's lr is 0)
 
+    def validate(self) -> NewParamsConfig:
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"optim.new_params.lr={self.lr} must be positive (or null: optim.lr)")
+        for name in ("warmup_steps", "freeze_body_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.new_params.{name}={value} must be >= 0")
+        return self
+
 
 @dataclass
 class DistillConfig:
@@ -84,6 +93,15 @@ class DistillConfig:
     teacher: str | None = None  # a weights directory (sbtrain-convert output of the teacher, or any sbtrain model)
     weight: float = 0.0  # the KL term's weight beside the LM loss (0: off)
     temperature: float = 1.0
+
+    def validate(self) -> DistillConfig:
+        if self.weight < 0:
+            raise ConfigError(f"distill.weight={self.weight} must be >= 0 (0 turns distillation off)")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature={self.temperature} must be positive")
+        if self.weight and not self.teacher:
+            raise ConfigError("distill.weight > 0 needs distill.teacher=DIR (a weights directory)")
+        return self
 
 
 @dataclass

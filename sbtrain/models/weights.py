@@ -40,8 +40,9 @@ INDEX = "model.safetensors.index.json"
 TRAINING_TIME_FIELDS = ("document_masking", "name", "spike")
 
 
-class WeightsError(ValueError):
-    """A weights directory that is missing, incomplete or for another model."""
+class WeightsError(ConfigError):
+    """A weights directory that is missing, incomplete or for another model (a ConfigError: the
+    CLIs report it as bad input, exit 2)."""
 
 
 def save_config(cfg: ModelConfig, directory: str | os.PathLike) -> Path:

@@ -2,9 +2,9 @@
 temperature τ (scaled by τ², Hinton et al.), summed like the LM loss so the trainer normalises
 both by the global token count.
 
-The teacher is any sbtrain model saved as a weights directory (``sbtrain-convert`` writes the
-converted student; the Transformer it came from is converted with ``target=qwen2``-style
-identity mapping or trained here). It is replicated on every rank, frozen, in eval mode. Full
+The teacher is any sbtrain model saved as a weights directory (``sbtrain.models.weights.
+save_weights`` of e.g. the Transformer the student was converted from, trained here). It is
+replicated on every rank, frozen, in eval mode. Full
 student and teacher logits are formed for the KL term (``[tokens, vocab]`` fp32 each): fine for
 small vocabularies and micro batches; a chunked KL is the next step for 150k vocabularies.
 """

@@ -75,6 +75,7 @@ class Trainer:
         cp_linear: str = "allgather",
         engine: Any | None = None,
         teacher: torch.nn.Module | None = None,
+        expert_grad_divisor: tuple[list, float] | None = None,  # from trainer.distributed.parallelize
         distill_cfg: Any | None = None,  # DistillConfig: weight, temperature
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
@@ -98,8 +99,9 @@ class Trainer:
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # (expert modules, divisor) when EP-sharded experts are outside FSDP (parallel.fsdp).
-        self.expert_grad_divisor: tuple[list, float] | None = None
+        # (expert modules, divisor): the part of the dp x cp average FSDP does not apply to
+        # EP-sharded experts (parallel.fsdp.scale_expert_grads).
+        self.expert_grad_divisor = expert_grad_divisor
         # MoE layers with auxiliary-loss-free balancing: their expert bias follows the global load.
         self.balancers = [
             m for m in model.modules()

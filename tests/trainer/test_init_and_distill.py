@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from sbtrain.cli.app import RECIPES_DIR
 from sbtrain.config.model import ConfigError
+from sbtrain.config.train import DistillConfig, NewParamsConfig
 from sbtrain.models.build import build_model, to_model_config
 from sbtrain.models.weights import save_weights
 from sbtrain.train import build_trainer
@@ -74,3 +75,15 @@ def test_distillation_needs_the_same_vocabulary(dataset, tmp_path):
     teacher, _ = _weights(tmp_path, 7, "model.vocab_size=352")
     with pytest.raises(ConfigError, match="vocab_size=352"):
         run(dataset, tmp_path / "bad", f"distill.teacher={teacher}", "distill.weight=1.0", "trainer.max_steps=1")
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (DistillConfig(weight=-1.0), r"distill.weight=-1.0 must be >= 0"),
+    (DistillConfig(weight=1.0, teacher="t", temperature=0.0), r"distill.temperature=0.0 must be positive"),
+    (DistillConfig(weight=1.0), r"needs distill.teacher"),
+    (NewParamsConfig(lr=0.0), r"optim.new_params.lr=0.0 must be positive"),
+    (NewParamsConfig(freeze_body_steps=-2), r"optim.new_params.freeze_body_steps=-2 must be >= 0"),
+])
+def test_bad_distill_and_new_param_values_are_config_errors(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()

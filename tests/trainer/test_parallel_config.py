@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sbtrain.config.model import ConfigError
-from sbtrain.config.parallel import ParallelConfig, validate_parallel
+from sbtrain.config.parallel import DeepSpeedConfig, ParallelConfig, validate_parallel
 from sbtrain.config.train import TrainerConfig
 from tests.distributed.parallel_cases import model_config
 
@@ -36,6 +36,7 @@ def test_dp_shard_fills_the_world_and_ep_borrows_from_it():
     ({"tp": 2, "ep": 2, "dp_shard": 2}, r"tp=2 with parallel.ep=2 is not supported"),
     ({"engine": "deepspeed", "tp": 2}, r"parallel.tp=2 with parallel.engine=deepspeed"),
     ({"engine": "deepspeed", "dp_replicate": 2}, r"deepspeed has no replicate dimension"),
+    ({"deepspeed": DeepSpeedConfig(accelerator="tpu")}, r"parallel.deepspeed.accelerator='tpu' is unknown"),
 ])
 def test_bad_layouts_are_rejected_with_the_fix(kwargs, message):
     kwargs = dict(kwargs)
