@@ -10,7 +10,7 @@ EXTRAS     ?= dev
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench-ops bench-train bench-cp bench-convert lint clean help
+.PHONY: install test train bench-ops bench-train bench-cp bench-convert bench-spike-cpt bench-w8aspike bench-ttft bench-memory bench-decode lint clean help
 
 help:
 	@echo "make install    create $(VENV) and install sbtrain with pinned dependencies"
@@ -20,6 +20,11 @@ help:
 	@echo "make bench-train training tokens/s: sb7b_tiny, qwen2_tiny, HF Qwen2 (CPU)"
 	@echo "make bench-cp   context parallel CP=1 vs CP=2: traffic, peak memory, step time (CPU, gloo)"
 	@echo "make bench-convert  teacher -> converted sb7b/sb76b vs from scratch (about an hour on 2 cores)"
+	@echo "make bench-spike-cpt spike-aware continual pretraining vs spiking post hoc (sb7b_tiny)"
+	@echo "make bench-w8aspike int8 weights + spikes: validation-loss change vs unquantized (bench-convert's runs)"
+	@echo "make bench-ttft   prefill time sb7b_tiny vs qwen2_tiny, 4k..128k (long: hours on 2 cores)"
+	@echo "make bench-memory training peak memory and decode-cache bytes vs length"
+	@echo "make bench-decode decode tokens/s and resident memory vs context length"
 
 install: $(VENV)/.installed
 
@@ -64,6 +69,26 @@ BENCH_CONVERT_ARGS ?=
 
 bench-convert: install $(STDLIB)/tokenized/manifest.json
 	$(CPU_ALLOC) $(PY) benchmarks/conversion_mini.py $(BENCH_CONVERT_ARGS)
+
+bench-spike-cpt: install $(STDLIB)/tokenized/manifest.json
+	$(CPU_ALLOC) $(PY) benchmarks/spike_cpt.py
+
+bench-w8aspike: install
+	$(CPU_ALLOC) $(PY) benchmarks/w8aspike.py
+
+# Hydra overrides, e.g. BENCH_TTFT_ARGS="lengths=[4k,16k] repeats=1"
+BENCH_TTFT_ARGS ?=
+BENCH_MEMORY_ARGS ?=
+BENCH_DECODE_ARGS ?=
+
+bench-ttft: install
+	$(CPU_ALLOC) $(PY) benchmarks/ttft.py $(BENCH_TTFT_ARGS)
+
+bench-memory: install
+	$(CPU_ALLOC) $(PY) benchmarks/memory.py $(BENCH_MEMORY_ARGS)
+
+bench-decode: install
+	$(CPU_ALLOC) $(PY) benchmarks/decode.py $(BENCH_DECODE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sbtrain parallel operators tests benchmarks

@@ -1,8 +1,14 @@
 """Platform probe: cpu, cuda or maca (MetaX), decided with torch alone.
 
 MACA presents its devices as ``cuda`` and maps ``nccl`` to MCCL, so it cannot be told apart
-by device type. We look at the torch version string, the device name and the environment,
-then choose operators per platform; device types are never forked.
+by device type. We look at the torch version string (``2.8.0+metax...``), the device name
+(``MetaX C500``, ``MXC...``) and the environment (``MACA_PATH`` / ``MACA_HOME``, set by the
+MACA SDK), then choose operators per platform; device types are never forked.
+``SBTRAIN_PLATFORM=cpu|cuda|maca`` overrides the probe (e.g. to exercise the MetaX selection
+path on a CPU box, or when a vendor build hides every clue).
+
+The probe itself is :func:`probe_platform`, a pure function of its inputs so every branch can
+be tested without the hardware; :func:`detect_platform` feeds it the real process state once.
 """
 
 from __future__ import annotations
@@ -10,41 +16,79 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable, Mapping
 
 import torch
 
 PLATFORMS = ("cpu", "cuda", "maca")
+# Backends a call on each platform may use, most specific first: MACA runs the CUDA-alike
+# backends (same device type, same APIs) after its own, never the other way round.
+PLATFORM_CHAIN = {"cpu": ("cpu",), "cuda": ("cuda",), "maca": ("maca", "cuda")}
+MACA_VERSION_MARKS = ("metax", "maca")
+MACA_DEVICE_MARKS = ("metax", "mxc")
+MACA_ENV_VARS = ("MACA_PATH", "MACA_HOME")
 log = logging.getLogger("sbtrain.operators")
 
 
-def _looks_like_maca() -> bool:
-    version = torch.__version__.lower()
-    if "metax" in version or "maca" in version:
-        return True
-    if os.environ.get("MACA_PATH") or os.environ.get("MACA_HOME"):
-        return True
+def _cuda_device_name() -> str:
     try:
-        name = torch.cuda.get_device_name(0).lower()
-    except Exception:  # noqa: BLE001 - any failure means "not a MetaX device"
-        return False
-    return "metax" in name or "mxc" in name
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - any failure means "no name to look at"
+        return ""
 
 
-@functools.cache
-def detect_platform() -> str:
-    """The platform this process runs on; ``SBTRAIN_PLATFORM`` overrides the probe."""
-    forced = os.environ.get("SBTRAIN_PLATFORM", "").strip().lower()
+def maca_evidence(
+    torch_version: str, env: Mapping[str, str], device_name: Callable[[], str] = _cuda_device_name
+) -> str | None:
+    """Why this looks like a MetaX box (the first clue found), or ``None``.
+
+    The device name is asked last: it initialises the device runtime, the other clues are free.
+    """
+    version = torch_version.lower()
+    for mark in MACA_VERSION_MARKS:
+        if mark in version:
+            return f"torch version {torch_version!r} contains {mark!r}"
+    for var in MACA_ENV_VARS:
+        if env.get(var):
+            return f"{var}={env[var]} is set"
+    name = device_name() or ""
+    for mark in MACA_DEVICE_MARKS:
+        if mark in name.lower():
+            return f"device name {name!r} contains {mark!r}"
+    return None
+
+
+def probe_platform(
+    *,
+    torch_version: str,
+    cuda_available: bool,
+    env: Mapping[str, str],
+    device_name: Callable[[], str] = _cuda_device_name,
+) -> tuple[str, str]:
+    """``(platform, why)`` from the given process state; raises ValueError on a bad override."""
+    forced = env.get("SBTRAIN_PLATFORM", "").strip().lower()
     if forced:
         if forced not in PLATFORMS:
             raise ValueError(
                 f"SBTRAIN_PLATFORM={forced!r} is not a platform; use one of {', '.join(PLATFORMS)}"
             )
-        platform = forced
-    elif torch.cuda.is_available():
-        platform = "maca" if _looks_like_maca() else "cuda"
-    else:
-        platform = "cpu"
-    log.info("sbtrain platform: %s (torch %s)", platform, torch.__version__)
+        return forced, f"SBTRAIN_PLATFORM={forced}"
+    if not cuda_available:
+        return "cpu", "torch sees no cuda device"
+    evidence = maca_evidence(torch_version, env, device_name)
+    if evidence:
+        return "maca", evidence
+    return "cuda", "cuda device without MetaX clues (version string, MACA_PATH/MACA_HOME, device name)"
+
+
+@functools.cache
+def detect_platform() -> str:
+    """The platform this process runs on; ``SBTRAIN_PLATFORM`` overrides the probe (cached:
+    tests that change the environment call ``detect_platform.cache_clear()``)."""
+    platform, why = probe_platform(
+        torch_version=torch.__version__, cuda_available=torch.cuda.is_available(), env=os.environ
+    )
+    log.info("sbtrain platform: %s (%s; torch %s)", platform, why, torch.__version__)
     return platform
 
 
@@ -58,7 +102,10 @@ def default_device(platform: str | None = None) -> torch.device:
     return torch.device("cpu" if platform == "cpu" else "cuda")
 
 
-def communication_backend(platform: str | None = None) -> str:
-    """torch.distributed backend name: gloo on CPU; nccl on CUDA and on MACA (MCCL behind it)."""
+def communication_backend(platform: str | None = None, device_type: str | None = None) -> str:
+    """torch.distributed backend name: ``gloo`` on CPU (and for CPU tensors on any box);
+    ``nccl`` on CUDA and on MACA, whose torch build routes ``nccl`` to MCCL."""
     platform = platform or detect_platform()
-    return "gloo" if platform == "cpu" else "nccl"
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}")
+    return "gloo" if platform == "cpu" or device_type == "cpu" else "nccl"

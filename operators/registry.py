@@ -3,24 +3,45 @@
 A backend declares the platforms it runs on, ``is_available()`` (cached; may import lazily),
 a cheap per-call ``accepts(*args, **kwargs)`` returning ``None`` or the reason it declines,
 and a priority. A call goes to the highest-priority backend that is available and accepts;
-the reference takes whatever nobody else does. ``SBTRAIN_OPS=op:backend,...`` forces a
-backend: if it is unavailable or declines the call, that is an error, never a silent fallback.
+the reference takes whatever nobody else does.
+
+The walk is tiered by platform (``PLATFORM_CHAIN``): on MACA the MetaX backends come first,
+then the CUDA-alike ones, then (for CPU tensors) the CPU ones, then the reference; every backend
+passed over is logged with its reason ("fla not importable", "tensor on cpu", ...). The walk
+is :func:`select_backend`, a function of the platform, the device type and (optionally) the
+availability of each backend, so the MetaX path can be tested on a CPU box.
+
+Forcing: ``SBTRAIN_OPS=op:backend,...`` (environment) and :func:`set_overrides` (the recipe's
+``operators.overrides`` table; the environment wins per op) force a backend: if it is
+unavailable or declines the call, that is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from operators.platform import PLATFORMS, platform_of
+from operators.platform import PLATFORM_CHAIN, PLATFORMS, detect_platform
 
 log = logging.getLogger("sbtrain.operators")
 
 REFERENCE = "reference"
+BACKEND_ALIASES = {"naive": REFERENCE}  # names users reach for; the registry's name is "reference"
+
+# True only while a profiler window is open (sbtrain.trainer.observability.ProfilerCallback):
+# calls are then wrapped in a ``sbtrain::<op>[<backend>]`` profiler range. Off, the dispatch
+# pays one global read instead of entering and leaving a record_function per call.
+PROFILING = False
+
+
+def set_profiling(on: bool) -> None:
+    """Name the chosen backend of every op call in profiler traces (on) or not (off)."""
+    global PROFILING
+    PROFILING = bool(on)
 
 
 def _always() -> bool:
@@ -40,15 +61,33 @@ class Backend:
     is_available: Callable[[], bool] = _always
     accepts: Callable[..., str | None] = _accept_all
     _available: bool | None = field(default=None, repr=False)
+    unavailable_reason: str | None = field(default=None, repr=False)
 
     def available(self) -> bool:
         if self._available is None:
             try:
                 self._available = bool(self.is_available())
-            except Exception as exc:  # noqa: BLE001 - an import error means unavailable
-                log.debug("backend %s unavailable: %s", self.name, exc)
+                if not self._available:
+                    self.unavailable_reason = "is_available() is False (no device or missing package)"
+            except ImportError as exc:  # an optional package missing means unavailable
                 self._available = False
+                self.unavailable_reason = f"{exc.name or exc} not importable"
+            except Exception as exc:  # noqa: BLE001 - any probe failure means unavailable
+                self._available = False
+                self.unavailable_reason = f"{type(exc).__name__}: {exc}"
+            if not self._available:
+                log.debug("backend %s unavailable: %s", self.name, self.unavailable_reason)
         return self._available
+
+
+@dataclass
+class Selection:
+    """The outcome of a walk: the chosen backend, the backends passed over (name, reason) in
+    the order tried, and who forced the choice (``None``: nobody)."""
+
+    backend: Backend
+    skipped: list = field(default_factory=list)
+    forced_by: str | None = None
 
 
 def _forced_backends() -> dict[str, str]:
@@ -67,6 +106,149 @@ def _forced_backends() -> dict[str, str]:
     return forced
 
 
+_RECIPE_OVERRIDES: dict[str, str] = {}
+
+
+def set_overrides(overrides: Mapping[str, str] | None) -> dict[str, str]:
+    """Install the recipe's ``{op: backend}`` table (replacing the previous one, which is
+    returned so a caller can restore it). Every op and backend name is checked now: an unknown
+    one raises ValueError naming the choices. ``naive`` is accepted for ``reference``."""
+    table = {}
+    for op_name, backend in (overrides or {}).items():
+        op = OPS.get(op_name)
+        if op is None:
+            raise ValueError(f"operators.overrides: op {op_name!r} is unknown; ops: {', '.join(sorted(OPS))}")
+        name = BACKEND_ALIASES.get(backend, backend)
+        if name not in op.backends:
+            raise ValueError(
+                f"operators.overrides: op {op_name!r} has no backend {backend!r}; "
+                f"backends: {', '.join(sorted(op.backends))} (or 'naive' for reference)"
+            )
+        table[op_name] = name
+    previous = dict(_RECIPE_OVERRIDES)
+    _RECIPE_OVERRIDES.clear()
+    _RECIPE_OVERRIDES.update(table)
+    for op in OPS.values():
+        op._logged.clear()  # a new table may change choices: log them again
+    return previous
+
+
+def get_overrides() -> dict[str, str]:
+    return dict(_RECIPE_OVERRIDES)
+
+
+def _forced_backend(op_name: str) -> tuple[str, str] | None:
+    """``(backend, source)`` forced for this op, the environment before the recipe."""
+    env = _forced_backends().get(op_name)
+    if env is not None:
+        return BACKEND_ALIASES.get(env, env), "SBTRAIN_OPS"
+    if op_name in _RECIPE_OVERRIDES:
+        return _RECIPE_OVERRIDES[op_name], "operators.overrides"
+    return None
+
+
+def _walk_order(op: Op, platform: str, call_platform: str) -> list[Backend]:
+    """Non-reference backends in the order tried: tier by tier along the call platform's chain
+    (MACA: MetaX, then CUDA-alike), by priority inside a tier. For CPU tensors in a GPU process
+    the device backends come first, only to be logged as passed over ("tensor on cpu")."""
+    candidates = [b for b in op.backends.values() if b.name != REFERENCE]
+    order: list[Backend] = []
+    if call_platform != platform:
+        device_only = [b for b in candidates if not set(b.platforms) & set(PLATFORM_CHAIN[call_platform])
+                       and set(b.platforms) & set(PLATFORM_CHAIN[platform])]
+        order += sorted(device_only, key=lambda b: -b.priority)
+    for tier in PLATFORM_CHAIN[call_platform]:
+        seen = {b.name for b in order}
+        order += sorted((b for b in candidates if tier in b.platforms and b.name not in seen), key=lambda b: -b.priority)
+    return order
+
+
+def _platform_reason(backend: Backend, call_platform: str, device_type: str, platform: str) -> str | None:
+    if not set(backend.platforms) & set(PLATFORM_CHAIN[call_platform]):
+        if device_type == "cpu" and platform != "cpu":
+            return f"tensor on cpu (the {platform} backend needs a {platform} device)"
+        return f"runs on {', '.join(backend.platforms)}, not on {call_platform}"
+    return None
+
+
+def _walk_plan(op: Op, platform: str, call_platform: str, device_type: str) -> list:
+    """``[(backend, platform reason or None)]`` in walk order, cached per op (every call walks it)."""
+    key = (platform, call_platform, device_type == "cpu")
+    plan = op._plans.get(key)
+    if plan is None:
+        plan = [(b, _platform_reason(b, call_platform, device_type, platform))
+                for b in _walk_order(op, platform, call_platform)]
+        op._plans[key] = plan
+    return plan
+
+
+def _why_not(backend: Backend, platform_reason: str | None, available: Mapping[str, bool | str] | None) -> str | None:
+    """Why ``backend`` cannot take this call (before ``accepts``), or None."""
+    if platform_reason:
+        return platform_reason
+    verdict = (available or {}).get(backend.name)
+    if verdict is None:
+        return None if backend.available() else backend.unavailable_reason
+    if isinstance(verdict, str):
+        return verdict
+    return None if verdict else "marked unavailable"
+
+
+def select_backend(
+    op: Op,
+    *,
+    platform: str,
+    device_type: str = "cuda",
+    available: Mapping[str, bool | str] | None = None,
+    args: tuple | None = (),
+    kwargs: dict | None = None,
+) -> Selection:
+    """Walk ``op``'s backends for a call on ``device_type`` tensors in a ``platform`` process.
+
+    ``available`` overrides the real probe per backend (True, False or the reason it is
+    missing); ``args=None`` skips the per-call ``accepts`` checks (a static answer: what a
+    call that every backend accepts would get). ``kwargs`` are the call's keyword arguments.
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}")
+    kwargs = kwargs or {}
+    call_platform = "cpu" if device_type == "cpu" else platform
+
+    def declines(backend: Backend, platform_reason: str | None) -> str | None:
+        reason = _why_not(backend, platform_reason, available)
+        if reason is None and args is not None:
+            reason = backend.accepts(*args, **kwargs)
+        return reason
+
+    forced = _forced_backend(op.name)
+    if forced is not None:
+        name, source = forced
+        backend = op.backends.get(name)
+        if backend is None:
+            raise ValueError(
+                f"{source} forces {op.name}:{name}, but op {op.name!r} has no such "
+                f"backend; known: {', '.join(sorted(op.backends))}"
+            )
+        if name != REFERENCE:
+            reason = _why_not(backend, _platform_reason(backend, call_platform, device_type, platform), available)
+            if reason:
+                raise RuntimeError(
+                    f"{source} forces {op.name}:{name}, which is not available on platform "
+                    f"{call_platform!r} ({reason}); remove it from {source} or install what it needs"
+                )
+            reason = backend.accepts(*args, **kwargs) if args is not None else None
+            if reason:
+                raise RuntimeError(f"{source} forces {op.name}:{name}, which declines this call: {reason}")
+        return Selection(backend, forced_by=source)
+    skipped = []
+    for backend, platform_reason in _walk_plan(op, platform, call_platform, device_type):
+        reason = declines(backend, platform_reason)
+        if reason is None:
+            return Selection(backend, skipped)
+        skipped.append((backend.name, reason))
+    return Selection(op.backends[REFERENCE], skipped)
+
+
 class Op:
     """A dispatching callable; ``ops.gla_chunked(...)`` etc. are instances of this."""
 
@@ -75,56 +257,50 @@ class Op:
         self.backends: dict[str, Backend] = {REFERENCE: Backend(REFERENCE, reference, priority=-1)}
         self.__doc__ = doc or reference.__doc__
         self._logged: set = set()
+        self._plans: dict = {}  # walk order per (platform, call platform, cpu tensors), see _walk_plan
 
     def register(self, backend: Backend) -> Backend:
         if backend.name in self.backends:
             raise ValueError(f"op {self.name!r} already has a backend named {backend.name!r}")
         self.backends[backend.name] = backend
+        self._plans.clear()
         return backend
 
     @property
     def reference(self) -> Callable:
         return self.backends[REFERENCE].fn
 
-    def _platform(self, args, kwargs) -> str:
+    def _device_type(self, args, kwargs) -> str:
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor):
-                return platform_of(value)
+                return value.device.type
         return "cpu"
+
+    def _platform(self, args, kwargs) -> str:
+        return "cpu" if self._device_type(args, kwargs) == "cpu" else detect_platform()
+
+    def resolve(self, args: tuple, kwargs: dict) -> Selection:
+        """The walk for a real call: this process's platform, the arguments' device."""
+        device_type = self._device_type(args, kwargs)
+        return select_backend(self, platform=detect_platform(), device_type=device_type, args=args, kwargs=kwargs)
 
     def select(self, *args, **kwargs) -> Backend:
         """The backend a call with these arguments would use."""
-        platform = self._platform(args, kwargs)
-        forced = _forced_backends().get(self.name)
-        if forced is not None:
-            backend = self.backends.get(forced)
-            if backend is None:
-                raise ValueError(
-                    f"SBTRAIN_OPS forces {self.name}:{forced}, but op {self.name!r} has no such "
-                    f"backend; known: {', '.join(sorted(self.backends))}"
-                )
-            if platform not in backend.platforms or not backend.available():
-                raise RuntimeError(
-                    f"SBTRAIN_OPS forces {self.name}:{forced}, which is not available on platform "
-                    f"{platform!r}; remove it from SBTRAIN_OPS or install what it needs"
-                )
-            reason = backend.accepts(*args, **kwargs)
-            if reason:
-                raise RuntimeError(f"SBTRAIN_OPS forces {self.name}:{forced}, which declines this call: {reason}")
-            return backend
-        for backend in sorted(self.backends.values(), key=lambda b: -b.priority):
-            if backend.name == REFERENCE:
-                continue
-            if platform in backend.platforms and backend.available() and not backend.accepts(*args, **kwargs):
-                return backend
-        return self.backends[REFERENCE]
+        return self.resolve(args, kwargs).backend
 
     def __call__(self, *args, **kwargs):
-        backend = self.select(*args, **kwargs)
+        selection = self.resolve(args, kwargs)
+        backend = selection.backend
         key = (self._platform(args, kwargs), backend.name)
         if key not in self._logged:
             self._logged.add(key)
             log.info("op %s on %s -> backend %s", self.name, key[0], backend.name)
+            for name, reason in selection.skipped:
+                log.info("op %s on %s: skipped %s: %s", self.name, key[0], name, reason)
+            if selection.forced_by:
+                log.info("op %s on %s: %s forced by %s", self.name, key[0], backend.name, selection.forced_by)
+        if not PROFILING:
+            return backend.fn(*args, **kwargs)
         with torch.profiler.record_function(f"sbtrain::{self.name}[{backend.name}]"):
             return backend.fn(*args, **kwargs)
 
@@ -133,7 +309,9 @@ class Op:
         return self.backends[name].fn(*args, **kwargs)
 
     def available_backends(self, platform: str = "cpu") -> list[str]:
-        return [b.name for b in self.backends.values() if platform in b.platforms and b.available()]
+        """Backends a call on ``platform`` devices could use (MACA: its own and the CUDA-alike)."""
+        chain = set(PLATFORM_CHAIN[platform])
+        return [b.name for b in self.backends.values() if chain & set(b.platforms) and b.available()]
 
 
 OPS: dict[str, Op] = {}

@@ -25,8 +25,9 @@ from sbtrain.data.loader import loader_from_config
 from sbtrain.models.build import build_model, count_parameters, to_model_config
 from sbtrain.trainer.callbacks import ConsoleProgress, JSONLMetrics, WandbLogger, plot_loss_curve
 from sbtrain.trainer.checkpoint import Checkpointer
-from sbtrain.trainer.distributed import init_process_group, make_mesh, parallelize
+from sbtrain.trainer.distributed import init_process_group, make_mesh, parallelize, report_collective_timeouts
 from sbtrain.trainer.flops import flops_per_token, peak_flops
+from sbtrain.trainer.observability import build_observability
 from sbtrain.trainer.optim import build_optimizer
 from sbtrain.trainer.trainer import Trainer
 
@@ -94,6 +95,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     ocfg.new_params.validate()
     ckcfg = OmegaConf.to_object(cfg.checkpoint)
     lcfg = OmegaConf.to_object(cfg.logger)
+    OmegaConf.to_object(cfg.operators).apply()  # backend overrides + MetaX tuning, before any op runs
     validate_logger(lcfg)
     model_cfg = to_model_config(cfg.model)
     if tcfg.init_from:
@@ -101,12 +103,13 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         # switches come from the model group.
         from sbtrain.models.weights import load_config
 
-        document_masking = model_cfg.document_masking
+        recipe_cfg = model_cfg
         model_cfg = load_config(tcfg.init_from)
-        model_cfg.document_masking = document_masking
+        model_cfg.document_masking = recipe_cfg.document_masking
+        model_cfg.spike = recipe_cfg.spike  # spike-aware continual pretraining of saved weights
     data_cfg = OmegaConf.to_object(cfg.data).validate()
     device = pick_device(tcfg.device)
-    world = init_process_group(device)
+    world = init_process_group(device, pcfg.collective_timeout_s)
     dims = validate_parallel(pcfg, world, model_cfg, tcfg)  # every layout error before anything is built
     mesh = make_mesh(dims, device)
     rank0 = mesh is None or torch.distributed.get_rank() == 0
@@ -153,6 +156,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     if lcfg.console:
         callbacks.append(ConsoleProgress(tcfg.log_every))
     callbacks.append(WandbLogger(lcfg.wandb.mode, lcfg.wandb.project, lcfg.wandb.name, str(out), resolved))
+    callbacks += build_observability(OmegaConf.to_object(cfg.observe), out, cp=dims.cp, eval_batches=tcfg.eval_batches)
     teacher, dcfg = None, OmegaConf.to_object(cfg.distill).validate()
     if dcfg.weight:
         if mesh is not None and (mesh.cp > 1 or mesh.tp > 1 or pcfg.engine != "fsdp"):
@@ -177,10 +181,26 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run (or resume) a training run; returns its summary with the paths it wrote."""
+    """Run (or resume) a training run, or the stages ``stage=NAME`` / ``stages=all`` pick from
+    ``stage_plan`` (sbtrain/trainer/stages.py); returns the summary with the paths it wrote."""
+    if cfg.get("stage") is not None or cfg.get("stages") is not None:
+        from sbtrain.trainer.stages import run_stages
+
+        return run_stages(cfg, train_run)
+    return train_run(cfg)
+
+
+def train_run(cfg: DictConfig, on_start=None) -> dict:
+    """One run: build, resume if a checkpoint exists, then ``on_start(trainer, resumed)`` (a stage
+    starting from the previous stage's checkpoint), train."""
     trainer, paths = build_trainer(cfg)
-    resumed = trainer.maybe_resume(cfg.trainer.resume)
-    summary = trainer.fit()
+    # A hung or lost rank fails the run with this rank, the op and the step named (torchrun / Slurm
+    # then restart it from the newest checkpoint) instead of hanging until killed.
+    with report_collective_timeouts(cfg.parallel.collective_timeout_s, lambda: f"step {trainer.step + 1}"):
+        resumed = trainer.maybe_resume(cfg.trainer.resume)
+        if on_start is not None:
+            on_start(trainer, resumed)
+        summary = trainer.fit()
     summary.update(paths, resumed_from=resumed and resumed["path"])
     if cfg.logger.plot and cfg.logger.jsonl and Path(paths["metrics"]).exists():
         png = plot_loss_curve(paths["metrics"], Path(paths["out_dir"]) / "loss_curve.png")
@@ -191,6 +211,10 @@ def train(cfg: DictConfig) -> dict:
 def report(summary: dict) -> str:
     """What a person wants to see at the end of a run: did it learn, where did it all go."""
     lines = [f"trained to step {summary['step']} ({summary['tokens']:,} tokens; {summary['skipped_steps']} steps skipped)"]
+    for stage in summary.get("stages", []):  # stage=NAME / stages=all
+        state = "already done" if stage.get("skipped") else f"stopped by {stage['stopped_by']}" if stage.get(
+            "stopped_by") else "done"
+        lines.append(f"stage {stage['stage']}: step {stage['step']}, {stage['tokens']:,} tokens ({state})")
     if summary.get("stopped_by"):
         lines.append(f"stopped early by {summary['stopped_by']}; rerun the same command to resume")
     if summary.get("first_valid_loss") is not None and summary.get("last_valid_loss") is not None:

@@ -1,6 +1,8 @@
-"""``sbtrain-export ckpt=DIR out=DIR [tokenizer.path=DIR] [dtype=bf16]``: an sbtrain weights
-directory or training checkpoint -> a Hugging Face folder loadable with ``trust_remote_code=True``
-(see :mod:`sbtrain.export`). Prints one JSON line: the source, its kind and the folder written."""
+"""``sbtrain-export ckpt=DIR out=DIR [format=hf|w8aspike] [w8a.method=absmax|mse] [w8a.k=3]
+[tokenizer.path=DIR] [dtype=bf16]``: an sbtrain weights directory or training checkpoint -> a
+Hugging Face folder loadable with ``trust_remote_code=True`` (see :mod:`sbtrain.export`);
+``format=w8aspike`` writes int8 weights + spike activations (:mod:`sbtrain.export.w8aspike_export`).
+Prints one JSON line: the source, its kind, the format and the folder written."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from sbtrain.export.config import ExportConfig  # noqa: F401  registers export_schema before Hydra composes
 from sbtrain.export.hf_export import ExportError
 
 
@@ -17,10 +20,10 @@ def task(cfg: DictConfig) -> None:
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise ExportError(f"{key}= is required: sbtrain-export ckpt=DIR out=DIR")
-    kind, source = resolve_source(cfg.ckpt)
     out = export(cfg.ckpt, cfg.out, tokenizer=OmegaConf.select(cfg, "tokenizer.path"),
-                  dtype=cfg.dtype, max_shard_bytes=int(cfg.max_shard_bytes))
-    print(json.dumps({"source": str(source), "kind": kind, "out": str(out)}), flush=True)
+                 dtype=cfg.dtype, max_shard_bytes=int(cfg.max_shard_bytes), format=cfg.format, w8a=cfg.w8a)
+    kind, source = resolve_source(cfg.ckpt)
+    print(json.dumps({"source": str(source), "kind": kind, "format": cfg.format, "out": str(out)}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,9 @@ class SpikeConfig:
     max_count: int | None = None  # clamp spike counts to [-max_count, max_count]; None: no clamp
     targets: list[str] = field(default_factory=lambda: list(SPIKE_TARGETS))
     spike_down_proj: bool = False  # FFN down_proj input (the public code leaves it out)
+    # mode=train only: spikes are on from this optimizer step on (the last part of a run, for
+    # spike-aware continual pretraining); before it the run trains and evaluates without spikes.
+    train_from_step: int = 0
 
 
 @dataclass
@@ -168,6 +171,13 @@ class ModelConfig:
             raise ConfigError(f"model.spike.mode={spike.mode!r} is unknown; use one of {SPIKE_MODES}")
         if not spike.k > 0:
             raise ConfigError(f"model.spike.k={spike.k} must be positive (V_th = mean(|x|) / k; default 3)")
+        if spike.train_from_step < 0:
+            raise ConfigError(f"model.spike.train_from_step={spike.train_from_step} must be >= 0 (0: from the start)")
+        if spike.train_from_step and spike.mode != "train":
+            raise ConfigError(
+                f"model.spike.train_from_step={spike.train_from_step} needs model.spike.mode=train "
+                f"(it is {spike.mode!r}); spike-aware training turns on at that step"
+            )
         if spike.max_count is not None and spike.max_count < 1:
             raise ConfigError(f"model.spike.max_count={spike.max_count} must be >= 1, or null for no clamp")
         for target in spike.targets:

@@ -42,6 +42,9 @@ class ParallelConfig:
     reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduced in
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # A collective that waits longer than this (a rank hung or gone) fails with the rank and the op
+    # named (sbtrain.trainer.distributed.CollectiveTimeoutError) instead of hanging the job.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sbtrain.config.model import ConfigError
+from sbtrain.config.observe import ObserveConfig
+from sbtrain.config.operators import OperatorsConfig
 from sbtrain.config.parallel import ParallelConfig
+from sbtrain.config.stages import StageConfig
 
 PRECISIONS = ("fp32", "bf16")
 AC_MODES = ("none", "selective", "full")
@@ -153,6 +156,12 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    operators: OperatorsConfig = field(default_factory=OperatorsConfig)  # backend overrides, MetaX tuning
+    observe: ObserveConfig = field(default_factory=ObserveConfig)  # profiler, model stats, slow ranks (all off)
+    # Staged long-context training (sbtrain/config/stages.py): the plan, and which part of it to run.
+    stage_plan: list[StageConfig] = field(default_factory=list)
+    stage: str | None = None  # stage=NAME: run that stage (from the previous stage's final checkpoint)
+    stages: str | None = None  # stages=all: run every stage in order, resuming where a crash left off
 
 
 def validate_logger(cfg: LoggerConfig) -> None:

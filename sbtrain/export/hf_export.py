@@ -15,6 +15,10 @@ The folder written::
     tokenizer files                from tokenizer (tokenizer.path=DIR on the CLI), the weights dir's tokenizer/, or the run's data manifest
 
 Everything goes into a hidden sibling temp directory that is renamed onto ``out`` at the end.
+
+``format="w8aspike"`` writes the same folder with int8 codes + fp32 scales for the linear weights,
+the quantization and spike settings in config.json and a third standalone file,
+``w8aspike_sbtrain.py`` (see :mod:`sbtrain.export.w8aspike_export`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ import torch
 from omegaconf import OmegaConf
 
 from sbtrain.config.model import ConfigError, ModelConfig
+from sbtrain.export.config import FORMATS
+from sbtrain.export.w8aspike_export import (
+    W8A_CODE_FILE,
+    W8A_REPORT_FILE,
+    quantize_for_export,
+    w8a_config,
+    w8a_report,
+    w8a_settings,
+    w8a_tensors,
+    w8a_total_bytes,
+)
 from sbtrain.models.build import build_model, to_model_config
 from sbtrain.models.model import CausalLM
 from sbtrain.models.weights import CONFIG, WeightsError, load_config, load_into, save_weights
@@ -52,7 +67,8 @@ def resolve_source(ckpt: str | os.PathLike) -> tuple[str, Path]:
     if not path.is_dir():
         raise ExportError(f"ckpt={ckpt} is not a directory; give a weights directory (with {CONFIG}) or a training "
                           "checkpoint (checkpoints/step_XXXXXXXX or the run's checkpoints/ directory)")
-    if (path / CONFIG).is_file():
+    # A run's out_dir also holds a config.yaml (the whole run config): its checkpoints/ decide.
+    if (path / CONFIG).is_file() and not (path / "checkpoints").is_dir():
         return "weights", path
     if STEP_DIR.match(path.name) and (path / "meta.json").is_file():
         reason = verify(path)
@@ -173,8 +189,16 @@ def is_previous_export(path: Path) -> bool:
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-           dtype: str | None = None, max_shard_bytes: int = 4 * 2**30) -> Path:
-    """Write the HF folder for ``ckpt`` at ``out`` (replacing it atomically); returns ``out``."""
+           dtype: str | None = None, max_shard_bytes: int = 4 * 2**30, format: str = "hf", w8a=None) -> Path:
+    """Write the HF folder for ``ckpt`` at ``out`` (replacing it atomically); returns ``out``.
+
+    ``format="w8aspike"``: int8 weights + spike activations with the settings ``w8a`` (a
+    :class:`sbtrain.export.config.W8AConfig`, a dict of its fields, or None for the defaults);
+    see :mod:`sbtrain.export.w8aspike_export`."""
+    if format not in FORMATS:
+        raise ExportError(f"format={format!r} is unknown; use one of {FORMATS} (hf: the weights as they are; "
+                          "w8aspike: int8 weights + spike activations, w8a.*)")
+    settings = w8a_settings(w8a) if format == "w8aspike" else None
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype={dtype} is not supported; use one of {sorted(DTYPES)} or leave it unset to keep "
                           "the checkpoint's dtype")
@@ -191,21 +215,22 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.
     target = DTYPES[dtype] if dtype is not None else model.model.embed_tokens.weight.dtype
     names = [n for n in model.state_dict() if not (cfg.tie_embeddings and n == "lm_head.weight")]
     state = model.state_dict()
-
-    def tensors():
-        for name in names:
-            tensor = state[name]
-            # The router's expert bias is fp32 by design (a selection offset); everything else follows dtype.
-            yield name, tensor if name.endswith("expert_bias") else tensor.to(target)
-
-    total = sum(state[n].numel() * (4 if n.endswith("expert_bias") else target.itemsize) for n in names)
+    # The router's expert bias is fp32 by design (a selection offset); everything else follows dtype.
+    quantized = quantize_for_export(model, settings) if settings is not None else {}
+    tensors = w8a_tensors(state, names, quantized, target)
+    total = w8a_total_bytes(state, names, quantized, target)
     tmp = out.with_name(f".{out.name}.export.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(tensors(), cfg, tmp, max_shard_bytes=max_shard_bytes, metadata={"total_size": total})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, target), indent=1))
+    save_weights(tensors, cfg, tmp, max_shard_bytes=max_shard_bytes, metadata={"total_size": total})
+    config = hf_config(cfg, target)
+    code_files = CODE_FILES
+    if settings is not None:
+        config, code_files = w8a_config(config, model, settings), (*CODE_FILES, W8A_CODE_FILE)
+        (tmp / W8A_REPORT_FILE).write_text(w8a_report(quantized, settings))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "generation_config.json").write_text(json.dumps({"use_cache": False, "do_sample": False}, indent=1))
-    for name in CODE_FILES:
+    for name in code_files:
         shutil.copyfile(HERE / name, tmp / name)
     tok = find_tokenizer(source, kind, tokenizer)
     if tok is not None:

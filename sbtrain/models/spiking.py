@@ -44,6 +44,7 @@ from operators.spike import spike
 from sbtrain.config.model import SpikeConfig
 
 HANDLES_ATTR = "_spike_hook_handles"
+HOOKS_ATTR = "_spike_hooks"
 
 
 def spiked_module_names(model: nn.Module, cfg: SpikeConfig) -> list[str]:
@@ -64,10 +65,11 @@ class SpikeInput:
         self.name = name
         self.cfg = cfg
         self.recorder = recorder
+        self.enabled = True  # False before model.spike.train_from_step (see set_spiking_step)
 
     def active(self, module: nn.Module) -> bool:
         mode = self.cfg.mode
-        return mode == "train" or (mode == "eval" and not module.training)
+        return self.enabled and (mode == "train" or (mode == "eval" and not module.training))
 
     def __call__(self, module: nn.Module, args: tuple):
         if not args or not self.active(module):
@@ -85,6 +87,18 @@ def remove_spiking(model: nn.Module) -> None:
     for handle in getattr(model, HANDLES_ATTR, []):
         handle.remove()
     setattr(model, HANDLES_ATTR, [])
+    setattr(model, HOOKS_ATTR, [])
+
+
+def set_spiking_step(model: nn.Module, step: int) -> bool:
+    """Turn the hooks on from ``model.spike.train_from_step`` (the trainer calls this before every
+    step and evaluation, on every rank, so a resumed run spikes exactly where the original did).
+    Returns whether spiking is on."""
+    hooks = getattr(model, HOOKS_ATTR, [])
+    enabled = all(step >= hook.cfg.train_from_step for hook in hooks)
+    for hook in hooks:
+        hook.enabled = enabled
+    return enabled and bool(hooks)
 
 
 def apply_spiking(
@@ -101,9 +115,11 @@ def apply_spiking(
         return []
     names = spiked_module_names(model, cfg)
     modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_pre_hook(SpikeInput(name, cfg, recorder)) for name in names]
+    hooks = [SpikeInput(name, cfg, recorder) for name in names]
+    handles = [modules[name].register_forward_pre_hook(hook) for name, hook in zip(names, hooks)]
     setattr(model, HANDLES_ATTR, handles)
+    setattr(model, HOOKS_ATTR, hooks)
     return names
 
 
-__all__ = ["SpikeInput", "apply_spiking", "remove_spiking", "spiked_module_names"]
+__all__ = ["SpikeInput", "apply_spiking", "remove_spiking", "set_spiking_step", "spiked_module_names"]

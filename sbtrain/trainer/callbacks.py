@@ -1,7 +1,8 @@
 """Trainer callbacks: JSONL metrics, rich console progress, wandb, the loss-curve plot.
 
 A callback sees the trainer at fixed points and never changes training; each is cheap when on.
-Only rank 0 logs (the trainer does not call callbacks on other ranks).
+Only rank 0 logs: the trainer calls a callback on other ranks only if it sets ``all_ranks = True``
+(observability callbacks that take part in collectives; they write on rank 0 only).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ log = logging.getLogger("sbtrain.train")
 
 
 class Callback:
+    all_ranks = False  # True: called on every rank (it joins collectives), not only on rank 0
+
     def on_fit_start(self, trainer) -> None: ...
+    def on_before_optimizer_step(self, trainer) -> None: ...  # gradients final, not yet clipped or applied
     def on_step_end(self, trainer, metrics: dict) -> None: ...
+    def on_record(self, trainer, kind: str, record: dict) -> None: ...  # other callbacks' records (model_stats...)
     def on_eval(self, trainer, metrics: dict) -> None: ...
     def on_checkpoint(self, trainer, path: Path) -> None: ...
     def on_fit_end(self, trainer) -> None: ...
@@ -39,6 +44,9 @@ class JSONLMetrics(Callback):
 
     def on_eval(self, trainer, metrics):
         self._write({"kind": "valid", **metrics})
+
+    def on_record(self, trainer, kind, record):
+        self._write({"kind": kind, **record})
 
 
 class ConsoleProgress(Callback):
@@ -114,9 +122,27 @@ class WandbLogger(Callback):
         if self.run is not None:
             self.run.log({f"valid/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.step)
 
+    def on_record(self, trainer, kind, record):
+        if self.run is not None:
+            self.run.log({f"{kind}/{k}": v for k, v in _flatten(record).items() if k != "step"}, step=trainer.step)
+
     def on_fit_end(self, trainer):
         if self.run is not None:
             self.run.finish()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """Nested dicts / lists of numbers as ``a/b/0`` keys (wandb plots scalars only)."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            out.update(_flatten(dict(enumerate(value)), name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:

@@ -10,33 +10,146 @@ blocks and experts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import logging
 import os
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from torch import nn
 
 from operators.platform import communication_backend
 from parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh, build_mesh
+from sbtrain.config.model import ConfigError
 
 log = logging.getLogger("sbtrain.train")
 
 
 def init_process_group(device: torch.device, timeout_s: float = 1800.0) -> int:
     """Join the job's process group when launched by torchrun / srun (WORLD_SIZE > 1); returns
-    the world size (1 for a plain single-process run, which needs no group)."""
+    the world size (1 for a plain single-process run, which needs no group).
+
+    ``timeout_s`` (``parallel.collective_timeout_s``) bounds every collective of the job: the
+    world group's and, through c10d's module default, every sub-group the device mesh creates
+    later (``new_group`` without a timeout takes that default, 30 min otherwise)."""
+    if not timeout_s > 0:
+        raise ConfigError(f"parallel.collective_timeout_s={timeout_s} must be a positive number of seconds "
+                          "(how long a collective may wait for a hung or lost rank)")
+    rank_layout_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = communication_backend() if device.type != "cpu" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        c10d.default_pg_timeout = timeout
+        if hasattr(c10d, "default_pg_nccl_timeout"):
+            c10d.default_pg_nccl_timeout = timeout
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":
+            # torchrun --max-restarts: the restarted ranks reuse the agent's store, where the dead
+            # ranks' gloo addresses still sit under the same keys; connecting to those hangs
+            # (seen with torch 2.13). Each restart gets its own key space.
+            store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"sbtrain_restart_{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank_layout_from_slurm(environ=os.environ) -> None:
+    """Ranks started by srun itself, one Slurm task each (the submitit launcher, ``srun -n 8 python
+    -m sbtrain.train``), carry no torchrun variables: derive RANK / WORLD_SIZE / LOCAL_RANK and the
+    rendezvous from Slurm's. A no-op under torchrun (WORLD_SIZE set) or in a one-task step."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")))
+    if "WORLD_SIZE" in environ or tasks <= 1 or "SLURM_PROCID" not in environ:
+        return
+    environ["RANK"], environ["WORLD_SIZE"] = environ["SLURM_PROCID"], str(tasks)
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    # srun starts the tasks from the batch host, the first node of the allocation.
+    environ.setdefault("MASTER_ADDR", environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within ``parallel.collective_timeout_s``: some rank of its
+    group hung, died or skipped it. The message names this rank, the op and where it was."""
+
+
+# The torch.distributed calls whose name a timeout report gives (sbtrain, FSDP2 and DeepSpeed all
+# go through these module attributes; DTensor's functional collectives are reported by position).
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+    "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list",
+    "reduce", "gather", "scatter", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv",
+    "batch_isend_irecv",
+)
+# What the backends say when a peer never answers: gloo "Timed out waiting 3000ms for recv
+# operation", NCCL's watchdog "collective operation timeout"; a peer that died: "Connection closed".
+_FAILURE_MARKERS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+_last_collective = threading.local()
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _FAILURE_MARKERS)
+
+
+def _describe_failure(exc: BaseException, op: str, where: str, timeout_s: float) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    lost = "timed out" if "time" in str(exc).lower() else "lost its peer"
+    return (f"rank {rank} of {world}: collective {op} {lost} at {where} (parallel.collective_timeout_s="
+            f"{timeout_s:g}): another rank hung, died or skipped this collective; the other ranks' logs say "
+            f"which, and the newest checkpoint resumes the run. Backend said: {exc}")
+
+
+def _named(op: str, fn: Callable, where: Callable[[], str], timeout_s: float) -> Callable:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        _last_collective.op = op
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            if _is_collective_failure(exc) and not isinstance(exc, CollectiveTimeoutError):
+                raise CollectiveTimeoutError(_describe_failure(exc, op, where(), timeout_s)) from exc
+            raise
+
+    call.__sbtrain_named__ = True
+    return call
+
+
+@contextlib.contextmanager
+def report_collective_timeouts(timeout_s: float, where: Callable[[], str] = lambda: "an unknown step") -> Iterator[None]:
+    """Within this block a collective that times out (or loses a peer) raises
+    :class:`CollectiveTimeoutError` naming this rank, the op (``all_reduce``, ...) and ``where()``
+    (e.g. "step 12") instead of the backend's bare "Timed out waiting 3000ms for recv operation".
+    An asynchronous op that fails later, in ``Work.wait()``, is named by the last op issued."""
+    patched = {}
+    for op in _COLLECTIVES:
+        fn = getattr(dist, op, None)
+        if fn is not None and not getattr(fn, "__sbtrain_named__", False):
+            patched[op] = fn
+            setattr(dist, op, _named(op, fn, where, timeout_s))
+    try:
+        yield
+    except RuntimeError as exc:
+        if _is_collective_failure(exc) and not isinstance(exc, CollectiveTimeoutError):
+            op = getattr(_last_collective, "op", "an unnamed collective")
+            raise CollectiveTimeoutError(_describe_failure(exc, f"{op} (last issued)", where(), timeout_s)) from exc
+        raise
+    finally:
+        for op, fn in patched.items():
+            setattr(dist, op, fn)
 
 
 def make_mesh(dims, device: torch.device) -> ParallelMesh | None:
@@ -92,4 +205,5 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, pcfg, tcfg) -> dict
     return info
 
 
-__all__ = ["init_process_group", "make_mesh", "parallelize"]
+__all__ = ["CollectiveTimeoutError", "init_process_group", "make_mesh", "parallelize", "rank_layout_from_slurm",
+           "report_collective_timeouts"]

@@ -27,6 +27,7 @@ from parallel.context_parallel import ContextParallel
 from parallel.fsdp import scale_expert_grads
 from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import ParallelMesh
+from sbtrain.models.spiking import set_spiking_step
 from sbtrain.trainer.callbacks import Callback
 from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.distill import kd_loss_sum
@@ -81,7 +82,9 @@ class Trainer:
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
         self.train_data, self.valid_data = train_data, valid_data
         self.checkpointer, self.checkpoint_every = checkpointer, checkpoint_every
-        self.callbacks = list(callbacks) if self._rank0 else []
+        # Other ranks run only the callbacks that join collectives (observability: all_ranks).
+        self.callbacks = [cb for cb in callbacks if self._rank0 or getattr(cb, "all_ranks", False)]
+        self.sync_wait_s = 0.0  # seconds spent in the trainer's own all-reduces (slow-rank detector)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.meta = meta or {}
         self.mesh, self.cp_linear = mesh, cp_linear
@@ -95,7 +98,10 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        self.total_steps = self._total_steps()
+        self.total_steps = self._total_steps()  # length of this run's LR schedule (of this stage, when staged)
+        # First step of the LR schedule: 0, or a stage's first step when step and token counts carry
+        # over from the previous stage (set by sbtrain.trainer.stages); training ends at end_step.
+        self.schedule_start = 0
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -135,6 +141,10 @@ class Trainer:
             out["cu_seqlens"] = cp.cu_seqlens
         out["context_parallel"] = cp
         return out
+
+    @property
+    def end_step(self) -> int:
+        return self.schedule_start + self.total_steps
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -215,6 +225,16 @@ class Trainer:
                 pass
         return previous
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM / SIGUSR1. A signal reaches the ranks at different moments
+        (one may see it a step later): they agree here, or some would checkpoint (a collective)
+        while the others start the next step, and the job would hang."""
+        if dist.is_initialized():
+            flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self._stop_signal = int(flag.item()) or None
+        return self._stop_signal is not None
+
     # -- the step -------------------------------------------------------------------------------
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -224,10 +244,18 @@ class Trainer:
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
+            start = time.perf_counter()
             dist.all_reduce(value, group=self.loss_group)
+            self.sync_wait_s += time.perf_counter() - start  # mostly waiting for the slowest rank
         return value
 
+    def log_record(self, kind: str, record: dict) -> None:
+        """Hand a record (e.g. ``model_stats``) to the logging callbacks (metrics.jsonl, wandb)."""
+        for cb in self.callbacks:
+            cb.on_record(self, kind, record)
+
     def train_step(self, micro_batches: list[dict]) -> StepStats:
+        set_spiking_step(self.model, self.step)  # model.spike.train_from_step: spikes for the last part
         device = next(self.model.parameters()).device
         micro_batches = [self._prepare(mb, device) for mb in micro_batches]
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
@@ -274,12 +302,14 @@ class Trainer:
             return stats
         if self.expert_grad_divisor is not None:
             scale_expert_grads(*self.expert_grad_divisor)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         grad_norm = clip_grad_norm_(self.params, self.optim_cfg.clip_grad)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            apply_lr(self.optimizer, self.step, self.total_steps, self.optim_cfg)
+            apply_lr(self.optimizer, self.step - self.schedule_start, self.total_steps, self.optim_cfg)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             for moe, load in zip(self.balancers, loads):
@@ -293,7 +323,7 @@ class Trainer:
         if not math.isfinite(loss):
             self.engine.zero_grad()
             return StepStats(loss, global_tokens, aux, float("nan"), True)
-        apply_lr(self.engine.optimizer, self.step, self.total_steps, self.optim_cfg)
+        apply_lr(self.engine.optimizer, self.step - self.schedule_start, self.total_steps, self.optim_cfg)
         grad_norm, stepped = self.engine.step(None)
         self.engine.zero_grad()
         if stepped:
@@ -308,6 +338,7 @@ class Trainer:
         if self.valid_data is None:
             return None
         was_training = self.model.training
+        set_spiking_step(self.model, self.step)
         self.model.eval()
         device = next(self.model.parameters()).device
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -337,19 +368,19 @@ class Trainer:
             cb.on_fit_start(self)
         summary: dict = {"first_valid_loss": None, "last_valid_loss": None, "stopped_by": None}
         try:
-            if self.cfg.eval_every and self.step == 0:
+            if self.cfg.eval_every and self.step == self.schedule_start:  # a fresh run's (or stage's) first step
                 first = self.evaluate()
                 summary["first_valid_loss"] = first and first["valid_loss"]
-            while self.step < self.total_steps:
+            while self.step < self.end_step:
                 start = time.perf_counter()
                 stats = self.train_step(self.train_data.next_global_batch())
                 elapsed = time.perf_counter() - start
                 self.step += 1
                 self._after_step(stats, elapsed)
-                if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
+                if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.end_step):
                     last = self.evaluate()
                     summary["last_valid_loss"] = last and last["valid_loss"]
-                if self._stop_signal is not None or self.step == self.cfg.exit_at_step:
+                if self._stop_requested() or self.step == self.cfg.exit_at_step:
                     reason = signal.Signals(self._stop_signal).name if self._stop_signal else "exit_at_step"
                     summary["stopped_by"] = reason
                     log.warning("stopping at step %d (%s): checkpointing", self.step, reason)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 
 import pytest
 import torch
@@ -61,6 +62,11 @@ def save_training_checkpoint(model, run_dir):
 
 
 def load_hf(path):
+    # transformers imports remote code as ``transformers_modules.<folder name>.<file>`` and keeps it
+    # in sys.modules: two exports in one process whose folders share a name (every test's "hf")
+    # would otherwise reuse the first one's classes.
+    for name in [m for m in sys.modules if m.startswith("transformers_modules.")]:
+        del sys.modules[name]
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                                  output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -10,7 +10,7 @@ import torch
 from operators.spike import spike
 from sbtrain.config.model import ConfigError, SpikeConfig
 from sbtrain.models.build import to_model_config
-from sbtrain.models.spiking import apply_spiking, spiked_module_names
+from sbtrain.models.spiking import apply_spiking, set_spiking_step, spiked_module_names
 from tests.models.helpers import recipe, tiny_model
 
 SMALL = ["model.num_layers=2", "model.sliding_window=5", "model.vocab_size=128", "model.hidden_size=32",
@@ -145,7 +145,25 @@ def test_hybrid_separate_branch_projections_and_moe_train_step():
     ("model.spike.max_count=0", "model.spike.max_count=0 must be >= 1"),
     ("model.spike.targets=[q_proj,down_proj]", "set model.spike.spike_down_proj=true"),
     ("model.spike.targets=[qproj]", "entry 'qproj' is unknown"),
+    ("model.spike.train_from_step=-1", "train_from_step=-1 must be >= 0"),
+    ("model.spike.train_from_step=5", "needs model.spike.mode=train"),
 ])
 def test_bad_spike_config_is_an_error(override, message):
     with pytest.raises(ConfigError, match=message):
         to_model_config(recipe("sb7b_tiny", [override]))
+
+
+def test_train_from_step_gates_spiking_by_step():
+    """mode=train with train_from_step=S: no spikes before step S (train or eval), spikes from S on."""
+    spiked = build(SB7B, "model.spike.mode=train", "model.spike.train_from_step=3")
+    plain = build(SB7B)
+    ids, labels = batch(spiked.config.vocab_size)
+    off = mean_loss(plain, ids, labels)
+    assert not set_spiking_step(spiked, 2)
+    for train in (True, False):
+        assert torch.equal(mean_loss(spiked.train(train), ids, labels), off)
+    assert set_spiking_step(spiked, 3)
+    on = mean_loss(spiked.train(), ids, labels)
+    assert not torch.allclose(on, off)
+    reference = build(SB7B, "model.spike.mode=train")  # spikes from the start
+    assert torch.equal(mean_loss(reference.train(), ids, labels), on)

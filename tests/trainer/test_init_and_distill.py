@@ -87,3 +87,24 @@ def test_distillation_needs_the_same_vocabulary(dataset, tmp_path):
 def test_bad_distill_and_new_param_values_are_config_errors(cfg, message):
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_spike_aware_training_turns_on_at_train_from_step(dataset, tmp_path):
+    """model.spike.train_from_step through the real Trainer, from saved weights (spike-aware continual
+    pretraining; the spike switches come from the recipe, not the weights): identical to a run
+    without spikes up to that step, different after it; the evaluation at that step already spikes."""
+    weights, _ = _weights(tmp_path, seed=7)
+    common = ["trainer.max_steps=4", "trainer.eval_every=2", f"trainer.init_from={weights}"]
+    plain, late, post_hoc = tmp_path / "plain", tmp_path / "late", tmp_path / "post_hoc"
+    run(dataset, plain, *common)
+    run(dataset, late, *common, "model.spike.mode=train", "model.spike.train_from_step=2")
+    run(dataset, post_hoc, *common, "model.spike.mode=eval")
+    from tests.trainer.e2e import losses
+
+    a, b = losses(plain), losses(late)
+    assert [a[s] for s in (1, 2)] == [b[s] for s in (1, 2)]
+    assert a[3] != b[3] and a[4] != b[4]
+    va, vb = losses(plain, "valid"), losses(late, "valid")
+    assert va[0] == vb[0] and va[2] != vb[2]
+    assert losses(post_hoc) == a  # mode=eval trains without spikes ...
+    assert all(losses(post_hoc, "valid")[s] != va[s] for s in va)  # ... and evaluates with them

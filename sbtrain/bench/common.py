@@ -1,0 +1,162 @@
+"""Pieces shared by the benchmarks: model configs from recipes, the allocator note, resident-set
+probes, the power-law fit, prefill FLOPs, fresh-process workers and the output files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sbtrain.bench.config import BenchError
+
+ALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "MALLOC_CONF")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- models ----------------------------------------------------------------------------------------
+def model_config(name: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The validated ModelConfig of ``recipes/model/<name>.yaml`` with ``model.*`` overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import sbtrain.config  # noqa: F401  registers the model schema
+    from sbtrain.cli.app import RECIPES_DIR, group_options
+
+    if name not in group_options("model"):
+        raise BenchError(f"model {name!r} is not a recipe in recipes/model/ (choices: {', '.join(group_options('model'))})")
+    bad = [o for o in overrides if not str(o).startswith("model.")]
+    if bad:
+        raise BenchError(f"model_overrides={bad} must be model.* keys, e.g. [model.num_layers=2]")
+    args = [f"model={name}", *overrides]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the sbtrain-bench Hydra app
+            node = compose("info", overrides=args).model
+        else:
+            with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+                node = compose("info", overrides=args).model
+    except Exception as exc:  # Hydra's message names the bad override
+        raise BenchError(f"model {name} with overrides {list(overrides)}: {exc}") from exc
+    return OmegaConf.to_object(node).validate()
+
+
+def is_quadratic(cfg) -> bool:
+    """True when some layer attends over the whole past (time and KV cache grow with T)."""
+    return any(kind in ("full", "hybrid_full") for kind in cfg.layer_types())
+
+
+def prefill_flops(cfg, seq_len: int) -> float:
+    """Forward FLOPs of a prefill over ``seq_len`` tokens, LM head on the last position only.
+
+    Per token: 2 x (active non-embedding, non-head parameters) + the mixers' forward share (a third
+    of :func:`sbtrain.trainer.flops.mixer_flops_per_token`, which counts forward + backward);
+    plus 2 x head parameters once."""
+    from sbtrain.models import build_model, count_parameters
+    from sbtrain.trainer.flops import mixer_flops_per_token
+
+    counts = count_parameters(build_model(cfg, device="meta"))
+    body = counts["params_active"] - counts["params_embedding"] - counts["params_lm_head"]
+    head = counts["params_lm_head"] or counts["params_embedding"]  # tied head: the embedding matrix
+    mixers = sum(mixer_flops_per_token(kind, seq_len, cfg) for kind in cfg.layer_types()) / 3.0
+    return seq_len * (2.0 * body + mixers) + 2.0 * head
+
+
+# -- environment and memory -----------------------------------------------------------------------
+def allocator_env() -> dict:
+    return {k: os.environ[k] for k in ALLOC_VARS if os.environ.get(k)}
+
+
+def allocator_note() -> str:
+    alloc = allocator_env()
+    note = f"allocator env: {alloc or 'glibc defaults'}"
+    if not alloc:
+        note += " (freed memory returns to the OS; run via make for the reuse-friendly setting, DESIGN.md section 7)"
+    return note
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+def reset_peak_rss() -> str:
+    """Reset the kernel's resident-set high-water mark (VmHWM); else fall back to ru_maxrss,
+    which is monotonic over the process (exact only in a fresh process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_kb(method: str) -> int:
+    return status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# -- fitting --------------------------------------------------------------------------------------
+def fit_power_law(lengths: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares fit of ``log t = p log T + c``; returns ``(p, c)`` (needs two lengths)."""
+    if len(set(lengths)) < 2:
+        raise ValueError(f"a power-law fit needs at least two distinct lengths, got {lengths}")
+    xs, ys = [math.log(x) for x in lengths], [math.log(y) for y in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    p = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return p, my - p * mx
+
+
+def extrapolate(p: float, c: float, length: int) -> float:
+    return math.exp(c + p * math.log(length))
+
+
+# -- fresh-process workers ------------------------------------------------------------------------
+def run_worker(spec: dict, fresh_process: bool, timeout_s: float) -> dict:
+    """Run ``sbtrain.bench.worker.measure(spec)`` in a fresh interpreter (so that no earlier
+    point's memory shows in this one), or in this process for quick runs."""
+    from sbtrain.bench import worker
+
+    if not fresh_process:
+        return worker.measure(spec)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        done = subprocess.run([sys.executable, "-m", "sbtrain.bench.worker", json.dumps(spec)], check=False, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s (raise timeout_s=)"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(worker.RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"worker exit {done.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1][len(worker.RESULT_PREFIX):])
+
+
+# -- output ---------------------------------------------------------------------------------------
+def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def meta(cfg, subcommand: str) -> dict:
+    return {"subcommand": subcommand, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "allocator": allocator_env(), "dtype": "float32", "batch": 1,
+            "model_overrides": list(cfg.model_overrides)}
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

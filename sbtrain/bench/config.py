@@ -1,0 +1,104 @@
+"""Typed schema of ``sbtrain-bench`` (``recipes/bench.yaml``), stored in Hydra's ConfigStore as
+``bench_schema`` so a mistyped key is an error, not a silent default.
+
+One flat schema serves the three subcommands (``ttft``, ``memory``, ``decode``); a ``null``
+length list or limit means "this subcommand's default" (:data:`DEFAULT_LENGTHS`,
+:data:`DEFAULT_QUADRATIC_MAX`). Lengths are token counts written as ``4096``, ``"4k"`` or ``"128k"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from sbtrain.config.model import ConfigError
+
+SUBCOMMANDS = ("ttft", "memory", "decode")
+DEFAULT_LENGTHS = {
+    "ttft": ["4k", "8k", "16k", "32k", "64k", "128k"],
+    "memory": ["4k", "8k", "16k", "32k", "64k", "128k"],
+    "decode": ["4k", "16k", "64k", "128k"],
+}
+# Models with full-attention layers run only up to this length (quadratic time / memory);
+# ttft extrapolates beyond it from the fitted exponent; memory and decode leave the cell empty.
+DEFAULT_QUADRATIC_MAX = {"ttft": "64k", "memory": "32k", "decode": "128k"}
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+DECODE_FILL = ("synthetic", "prefill")
+
+
+class BenchError(ConfigError):
+    """A bench knob the benchmark cannot use (exit status 2, the message names the fix)."""
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["sb7b_tiny", "qwen2_tiny"])  # recipes/model/<name>.yaml
+    baseline: str = "qwen2_tiny"  # speed-ups and FLOP ratios are against this model (must be in models)
+    lengths: list[str] | None = None  # token counts ("4k", "128k", 4096); null: the subcommand's default
+    model_overrides: list[str] = field(default_factory=list)  # applied to every model, e.g. [model.num_layers=2]
+    repeats: int = 3  # ttft: timed prefills per point (median); decode: timed decode runs per point
+    threads: int | None = None  # torch threads; null: torch's default
+    out: str = "benchmarks/out"  # folder for <subcommand>.json and .png
+    plot: bool = True
+    seed: int = 0
+    # Models with full-attention layers: measured up to here. null: 64k (ttft), 32k (memory), 128k (decode).
+    quadratic_max_length: str | None = None
+    single_repeat_above: str = "32k"  # ttft: full-attention models run once above this length
+    fit_from: str = "16k"  # ttft: the exponent is fitted over measured lengths >= this
+    fresh_process: bool = True  # memory, decode: one fresh subprocess per point (else in this process)
+    activation_checkpointing: str = "full"  # memory: none | selective | full
+    new_tokens: int = 32  # decode: tokens decoded per run
+    decode_fill: str = "synthetic"  # decode: cache filled with random keys/values (synthetic) or a real prefill
+    timeout_s: float = 7200.0  # memory, decode: per subprocess
+
+
+def parse_length(value) -> int:
+    """``4096`` / ``"4096"`` / ``"4k"`` / ``"128K"`` -> tokens (k = 1024)."""
+    text = str(value).strip().lower()
+    try:
+        n = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise BenchError(f"length {value!r} is not a token count; write e.g. 4096, 4k or 128k") from None
+    if n <= 0:
+        raise BenchError(f"length {value!r} must be positive")
+    return n
+
+
+def format_length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def validate(cfg: BenchConfig, subcommand: str) -> BenchConfig:
+    if subcommand not in SUBCOMMANDS:
+        raise BenchError(f"unknown subcommand {subcommand!r}; use one of {', '.join(SUBCOMMANDS)}")
+    if not cfg.models:
+        raise BenchError("models=[] is empty; give e.g. models=[sb7b_tiny,qwen2_tiny]")
+    if subcommand == "ttft" and cfg.baseline not in cfg.models:
+        raise BenchError(f"baseline={cfg.baseline} is not in models={list(cfg.models)}; add it or set baseline= "
+                         "to one of them")
+    if cfg.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise BenchError(f"activation_checkpointing={cfg.activation_checkpointing} is unknown; use one of "
+                         f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    if cfg.decode_fill not in DECODE_FILL:
+        raise BenchError(f"decode_fill={cfg.decode_fill} is unknown; use one of {', '.join(DECODE_FILL)}")
+    if cfg.repeats < 1 or cfg.new_tokens < 1:
+        raise BenchError(f"repeats={cfg.repeats} and new_tokens={cfg.new_tokens} must be >= 1")
+    lengths(cfg, subcommand)  # parse errors now, not after an hour of measuring
+    return cfg
+
+
+def lengths(cfg: BenchConfig, subcommand: str) -> list[int]:
+    return sorted({parse_length(x) for x in (cfg.lengths if cfg.lengths is not None else DEFAULT_LENGTHS[subcommand])})
+
+
+def quadratic_max(cfg: BenchConfig, subcommand: str) -> int:
+    return parse_length(cfg.quadratic_max_length or DEFAULT_QUADRATIC_MAX[subcommand])
+
+
+def register_bench_schema() -> None:
+    """Store the schema as ``bench_schema`` (idempotent: ConfigStore overwrites)."""
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+register_bench_schema()

@@ -1,0 +1,125 @@
+"""``sbtrain-generate ckpt=DIR prompt="..." [max_new_tokens=N] [temperature=T] [top_k=K] [seed=S]``:
+continue a prompt with a trained model, decoding with its cache (GLA state, SWA ring, full KV)
+through :func:`sbtrain.models.generate`.
+
+``ckpt`` is an sbtrain weights directory or a training checkpoint (a ``step_XXXXXXXX`` directory,
+a run's ``checkpoints/`` or out_dir), as for ``sbtrain-export``. The tokenizer is the weights
+dir's ``tokenizer/`` or the one named in the run's data manifest, unless ``tokenizer.path=DIR``
+is given. The prompt is encoded without special tokens (as the trainer's documents are).
+``format=text`` prints the prompt and its continuation; ``format=json`` one JSON line with the
+token ids, the text and the decode speed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from sbtrain.config.data import TokenizerConfig
+from sbtrain.config.model import ConfigError
+
+FORMATS = ("text", "json")
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = MISSING  # weights directory or training checkpoint
+    prompt: str = MISSING  # text to continue (at least one token)
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy; else sample from softmax(logits / temperature)
+    top_k: int | None = None  # sample among the k most likely tokens only (temperature > 0)
+    seed: int = 0  # seed of the sampling generator
+    threads: int | None = None  # torch threads; null: torch's default
+    format: str = "text"  # text | json
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # tokenizer.path=DIR overrides the ckpt's
+
+
+class GenerateError(ConfigError):
+    """A generate knob or input the command cannot use (exit status 2)."""
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+def validate(cfg: GenerateConfig) -> GenerateConfig:
+    if cfg.max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens={cfg.max_new_tokens} must be >= 1")
+    if cfg.temperature < 0:
+        raise GenerateError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise GenerateError(f"top_k={cfg.top_k} must be >= 1, or null for the whole vocabulary")
+    if cfg.format not in FORMATS:
+        raise GenerateError(f"format={cfg.format} is unknown; use one of {', '.join(FORMATS)}")
+    return cfg
+
+
+def load(ckpt: str, tokenizer_path: str | None):
+    """(model in eval mode, tokenizer) of a checkpoint."""
+    from sbtrain.data.tokenizer import load_tokenizer
+    from sbtrain.export.hf_export import find_tokenizer, load_source
+    from sbtrain.models.weights import WeightsError
+
+    try:
+        model, source, kind = load_source(ckpt)
+    except WeightsError as exc:
+        raise GenerateError(f"ckpt={ckpt}: {exc}") from exc
+    folder = find_tokenizer(source, kind, tokenizer_path)
+    if folder is None:
+        raise GenerateError(f"ckpt={ckpt} has no tokenizer (no tokenizer/ folder, no data manifest naming one); "
+                            "give tokenizer.path=DIR")
+    tok, _ = load_tokenizer(str(folder))
+    return model, tok
+
+
+def run(cfg: GenerateConfig) -> dict:
+    """Generate and return ``{prompt_ids, new_ids, text, ...}`` (the CLI prints it)."""
+    import torch
+
+    from sbtrain.models import generate
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load(cfg.ckpt, cfg.tokenizer.path)
+    prompt_ids = tok.encode(cfg.prompt, add_special_tokens=False)
+    if not prompt_ids:
+        raise GenerateError(f"prompt={cfg.prompt!r} encodes to no tokens; give some text")
+    if max(prompt_ids) >= model.config.vocab_size:
+        raise GenerateError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocabulary has "
+                            f"{model.config.vocab_size} ids: tokenizer.path names another model's tokenizer")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    out = generate(model, torch.tensor([prompt_ids]), cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_k=cfg.top_k, generator=generator)
+    elapsed = time.perf_counter() - start
+    new_ids = out[0, len(prompt_ids):].tolist()
+    return {"prompt": cfg.prompt, "prompt_ids": prompt_ids, "new_ids": new_ids,
+            "text": tok.decode(new_ids, skip_special_tokens=False), "seconds": elapsed,
+            "tokens_per_s": len(new_ids) / elapsed}
+
+
+def task(cfg: DictConfig) -> dict:
+    try:
+        gen_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg))
+    except MissingMandatoryValue as exc:
+        raise GenerateError(f"{exc.full_key} is required: sbtrain-generate ckpt=DIR prompt=\"...\"") from exc
+    result = run(validate(gen_cfg))
+    if gen_cfg.format == "json":
+        print(json.dumps(result), flush=True)
+    else:
+        print(gen_cfg.prompt + result["text"], flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sbtrain.cli.app import run_app
+
+    run_app(task, "generate", argv)
+
+
+if __name__ == "__main__":
+    main()
