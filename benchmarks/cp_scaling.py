@@ -30,8 +30,6 @@ import argparse
 import gc
 import json
 import os
-import re
-import resource
 import statistics
 import sys
 import time
@@ -44,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallel import comm_stats
 from parallel.testing import run_distributed
+from sbtrain.bench.common import peak_rss_kb, reset_peak_rss, status_kb
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.models import build_model
@@ -70,25 +69,6 @@ def model_config(name: str):
 
 
 # -- in each worker process -----------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
-def _reset_peak_rss() -> str:
-    """Reset the kernel's resident-set high-water mark; fall back to the monotonic ru_maxrss."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
-def _peak_rss_kb(method: str) -> int:
-    return _status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def measure_case(spec: dict) -> dict:
     """Build, parallelize and train ``warmup + steps`` steps on this rank; return its figures."""
     torch.set_num_threads(spec["threads"])
@@ -112,8 +92,8 @@ def measure_case(spec: dict) -> dict:
         ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(step))
         batches.append([{"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()}])
     gc.collect()
-    rss_before = _status_kb("VmRSS")
-    method = _reset_peak_rss()
+    rss_before = status_kb("VmRSS")
+    method = reset_peak_rss()
     times, losses = [], []
     for step, micro_batches in enumerate(batches):
         if step == spec["warmup"]:
@@ -128,7 +108,7 @@ def measure_case(spec: dict) -> dict:
             times.append(elapsed)
     sent = {k: v["bytes"] / spec["steps"] for k, v in comm_stats.snapshot().items()}
     return {"step_s": statistics.median(times), "losses": losses, "sent_per_step": sent,
-            "peak_mb": (_peak_rss_kb(method) - rss_before) / 1024, "rss_before_mb": rss_before / 1024,
+            "peak_mb": (peak_rss_kb(method) - rss_before) / 1024, "rss_before_mb": rss_before / 1024,
             "memory_method": method}
 
 

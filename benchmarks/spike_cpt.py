@@ -81,8 +81,7 @@ def main() -> None:
         "post_hoc": [*cont, *common(args, out / "post_hoc", 4, 4), "model.spike.mode=eval"],
     }
     for name, overrides in runs.items():
-        if not (out / name / "checkpoints" / "latest").exists():
-            run_stage(name, overrides)
+        run_stage(name, overrides)  # resumes an unfinished run; a finished one returns at once
 
     rows = []
     for name, overrides in [("start", base_run), *runs.items()]:

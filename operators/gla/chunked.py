@@ -8,6 +8,13 @@ the packed inputs, the cumulative gate and every chunk's entry state (up to
 beyond that it keeps only the inputs and recomputes the states from per-block entry states. The
 math lives in ``chunk_kernels``; this module packs tokens into chunks and back.
 
+Every tensor the backward reads goes through ``ctx.save_for_backward``; the ctx keeps only Python
+metadata (chunk layout, document plan). That is what lets activation checkpointing
+(``torch.utils.checkpoint``, non-reentrant) and other saved-tensor hooks (CPU offload) drop or
+move them: a tensor held as a plain ctx attribute stays alive from the forward to the backward
+whatever the hooks do (for sb7b_tiny ~5 KB per token and GLA layer: A, chunk states, b, packed v,
+every GLA layer's at once, 20 KB per token in all).
+
 Documents (``cu_seqlens``) are handled per segment: each document is copied to start on a chunk
 edge and zero-padded to whole chunks, so no chunk mixes documents and the state simply
 restarts at each document's first chunk. Zero keys and zero log-decay on padding leave the
@@ -16,6 +23,7 @@ state unchanged. The cost is up to C-1 padding tokens per document.
 
 from __future__ import annotations
 
+import copy
 from itertools import pairwise
 
 import torch
@@ -120,6 +128,15 @@ class _Packed:
     def unpack(self, x6, dtype):
         return _unpack(x6, self.segs, self.B, self.T, self.C, dtype)
 
+    def detach_tensors(self) -> _Packed:
+        """Drop the tensors, keep the layout: what the ctx may hold as a plain attribute."""
+        self.q = self.k = self.v = self.g = None
+        return self
+
+    def attach(self, q, k, v, g) -> _Packed:
+        self.q, self.k, self.v, self.g = q, k, v, g
+        return self
+
 
 class ChunkedGLA(torch.autograd.Function):
     @staticmethod
@@ -134,12 +151,12 @@ class ChunkedGLA(torch.autograd.Function):
         ctx.cfg = (scale, chunk_size, cu_seqlens)
         ctx.meta = (q.dtype, k.dtype, v.dtype, g.dtype, g.dim(), q.shape[2], v.shape[-1])
         if save:
-            # Saved so that autograd's version check catches in-place changes to inputs that
-            # p holds as views (no extra memory: views keep them alive anyway).
-            ctx.save_for_backward(initial_state, q, k, g)
+            # p.q / p.k may be views of q / k: saved as such, autograd's version check still
+            # catches in-place changes to the inputs. b replaces g, which the backward never reads.
+            # finals is cloned: the caller may update the returned state in place (decode cache).
             bfull, states, A = saved
-            p.g = None  # b replaces g
-            ctx.packed, ctx.saved = p, (bfull, states, A, finals.clone())
+            ctx.save_for_backward(initial_state, p.q, p.k, p.v, bfull, states, A, finals.clone())
+            ctx.packed = p.detach_tensors()
         else:
             ctx.save_for_backward(q, k, v, g, initial_state)
             ctx.packed = None
@@ -151,10 +168,10 @@ class ChunkedGLA(torch.autograd.Function):
         scale, C, cu_seqlens = ctx.cfg
         q_dtype, k_dtype, v_dtype, g_dtype, g_dim, Hq, Dv = ctx.meta
         if ctx.packed is not None:
-            initial_state = ctx.saved_tensors[0]
-            p, saved = ctx.packed, ctx.saved
-            ctx.packed = ctx.saved = None
-            g6 = saved[0]
+            initial_state, pq, pk, pv, bfull, states, A, finals = ctx.saved_tensors
+            # A copy: the ctx keeps its tensor-free layout (a retained graph may run backward again).
+            p, saved = copy.copy(ctx.packed).attach(pq, pk, pv, None), (bfull, states, A, finals)
+            g6 = bfull
         else:
             q, k, v, g, initial_state = ctx.saved_tensors
             p = _Packed(q, k, v, g, scale, C, cu_seqlens)

@@ -267,11 +267,22 @@ class SbtrainMoE(nn.Module):
         shared = int(moe.get("num_shared_experts", 0))
         self.shared_expert = SbtrainMLP(config.hidden_size, size * shared) if shared else None
 
+    # Hooks for variants (the W8ASpike export spikes these inputs and dequantizes the experts).
+    def router_input(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+    def expert_input(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def expert_matrix(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[E, Din, Dout]`` weight ``name`` (gate_proj / up_proj / down_proj)."""
+        return getattr(self.experts, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape
         flat = x.reshape(-1, shape[-1])
         N, E, k = flat.shape[0], int(cfg["num_experts"]), int(cfg.get("top_k", 1))
-        logits = flat.float() @ self.router.weight.float().t()
+        logits = self.router_input(flat).float() @ self.router.weight.float().t()
         scores = logits.softmax(-1) if cfg.get("router_activation", "softmax") == "softmax" else torch.sigmoid(logits)
         select = scores + self.router.expert_bias if cfg.get("aux_free_balancing") else scores
         chosen = select.topk(k, dim=-1).indices
@@ -287,12 +298,12 @@ class SbtrainMoE(nn.Module):
             starts = torch.cumsum(counts, 0) - counts
             keep = torch.arange(order.numel(), device=x.device) - starts[expert_ids[order]] < cap
             order, token_of, counts = order[keep], token_of[keep], counts.clamp(max=cap)
-        rows = flat[token_of]
+        rows = self.expert_input(flat[token_of])
+        gate, up, down = (self.expert_matrix(name, x.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
         outputs, start = [], 0
         for e, count in enumerate(counts.tolist()):
             xe = rows[start:start + count]
-            h = F.silu(xe @ self.experts.gate_proj[e]) * (xe @ self.experts.up_proj[e])
-            outputs.append(h @ self.experts.down_proj[e])
+            outputs.append((F.silu(xe @ gate[e]) * (xe @ up[e])) @ down[e])
             start += count
         y_sorted = torch.cat(outputs) if outputs else rows
         combine = torch.promote_types(y_sorted.dtype, torch.float32)

@@ -88,7 +88,8 @@ class W8AExperts(nn.Module):
 
 class W8ASpikeMoE(SbtrainMoE):
     """sbtrain's MoE with the router input and the routed gate/up input spiked (when targeted) and
-    the experts' weights dequantized; routing, capacity and combine are SbtrainMoE's."""
+    the experts' weights dequantized, through SbtrainMoE's hooks; routing, capacity and combine
+    are SbtrainMoE's own."""
 
     spike_router: bool = False
     spike_experts: bool = False
@@ -99,40 +100,11 @@ class W8ASpikeMoE(SbtrainMoE):
             return x
         return spike(x, float(self.spike_cfg["k"]), self.spike_cfg.get("max_count"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg, shape = self.cfg, x.shape
-        flat = x.reshape(-1, shape[-1])
-        N, E, k = flat.shape[0], int(cfg["num_experts"]), int(cfg.get("top_k", 1))
-        logits = self._spiked(flat, self.spike_router).float() @ self.router.weight.float().t()
-        scores = logits.softmax(-1) if cfg.get("router_activation", "softmax") == "softmax" else torch.sigmoid(logits)
-        select = scores + self.router.expert_bias if cfg.get("aux_free_balancing") else scores
-        chosen = select.topk(k, dim=-1).indices
-        weights = scores.gather(-1, chosen)
-        if cfg.get("norm_topk_prob"):
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        expert_ids = chosen.flatten()
-        order = torch.argsort(expert_ids, stable=True)
-        token_of = order // k
-        counts = torch.bincount(expert_ids, minlength=E)
-        if cfg.get("capacity_factor") is not None:
-            cap = math.ceil(cfg["capacity_factor"] * N * k / E)
-            starts = torch.cumsum(counts, 0) - counts
-            keep = torch.arange(order.numel(), device=x.device) - starts[expert_ids[order]] < cap
-            order, token_of, counts = order[keep], token_of[keep], counts.clamp(max=cap)
-        rows = self._spiked(flat[token_of], self.spike_experts)
-        gate, up, down = (self.expert_matrix(name, x.dtype) for name in EXPERT_WEIGHTS)
-        outputs, start = [], 0
-        for e, count in enumerate(counts.tolist()):
-            xe = rows[start:start + count]
-            outputs.append((F.silu(xe @ gate[e]) * (xe @ up[e])) @ down[e])
-            start += count
-        y_sorted = torch.cat(outputs) if outputs else rows
-        combine = torch.promote_types(y_sorted.dtype, torch.float32)
-        w = weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(flat).index_add(0, token_of, (y_sorted.to(combine) * w.to(combine)).to(flat.dtype))
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
-        return out.view(shape)
+    def router_input(self, flat: torch.Tensor) -> torch.Tensor:
+        return self._spiked(flat, self.spike_router)
+
+    def expert_input(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._spiked(rows, self.spike_experts)
 
     def expert_matrix(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(self.experts, W8AExperts):
