@@ -42,10 +42,10 @@ def base_overrides(args, run_dir: Path) -> list[str]:
             f"trainer.max_steps={steps}", f"trainer.eval_every={max(steps // 8, 1)}"]
 
 
-def losses_with_and_without_spikes(model, batches, k: float) -> tuple[float, float]:
+def losses_with_and_without_spikes(model, batches, k: float, max_count: int | None) -> tuple[float, float]:
     remove_spiking(model)
     plain = mean_loss(model, batches)
-    apply_spiking(model, SpikeConfig(mode="eval", k=k))
+    apply_spiking(model, SpikeConfig(mode="eval", k=k, max_count=max_count))
     spiked = mean_loss(model, batches)
     remove_spiking(model)
     return plain, spiked
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="length of each continuation (1024 tokens per step)")
     p.add_argument("--spike-from", type=int, default=20, help="spike-aware run: spikes on from this step")
     p.add_argument("--k", type=float, default=3.0)
+    p.add_argument("--max-count", type=int, default=None, help="clamp |s| (model.spike.max_count); default none")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "out"))
     args = p.parse_args()
@@ -74,7 +75,8 @@ def main() -> None:
         save_weights(model.state_dict().items(), model.config, weights)
 
     cont = ["model=sb7b_tiny", f"trainer.init_from={weights}", f"optim.lr={args.lr}", "optim.warmup_steps=5",
-            f"trainer.max_steps={args.steps}", f"trainer.eval_every={max(args.steps // 6, 1)}", f"model.spike.k={args.k}"]
+            f"trainer.max_steps={args.steps}", f"trainer.eval_every={max(args.steps // 6, 1)}", f"model.spike.k={args.k}",
+            f"model.spike.max_count={'null' if args.max_count is None else args.max_count}"]
     runs = {
         "spike_aware": [*cont, *common(args, out / "spike_aware", 4, 4), "model.spike.mode=train",
                         f"model.spike.train_from_step={args.spike_from}"],
@@ -87,12 +89,12 @@ def main() -> None:
     for name, overrides in [("start", base_run), *runs.items()]:
         model, trainer = final_model(overrides)
         batches = list(trainer.valid_data.batches())
-        plain, spiked = losses_with_and_without_spikes(model, batches, args.k)
+        plain, spiked = losses_with_and_without_spikes(model, batches, args.k, args.max_count)
         rows.append({"run": name, "train_tokens": trainer.tokens, "loss_no_spikes": plain, "loss_spiked": spiked,
                      "spike_penalty": spiked - plain,
                      "curve": curve(out / name) if name in runs else []})
     by = {r["run"]: r for r in rows}
-    print(f"\nsb7b_tiny, spikes k={args.k} on {', '.join(SpikeConfig().targets)} inputs; continuation "
+    print(f"\nsb7b_tiny, spikes k={args.k} (|s| <= {args.max_count or 'inf'}) on {', '.join(SpikeConfig().targets)} inputs; continuation "
           f"{args.steps} steps x 1024 tokens, spike-aware from step {args.spike_from}; eval {EVAL_SAMPLES} x {SEQ} "
           "held-out tokens")
     print(f"{'run':<14}{'tokens':>12}{'no spikes':>12}{'spiked':>12}{'penalty':>10}")
@@ -124,7 +126,8 @@ def plot(rows: list[dict], args, path: Path) -> None:
     ax.axvline(args.spike_from, color="gray", ls=":", lw=1)
     ax.set_xlabel("continuation step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Spike-aware continual pretraining, sb7b_tiny, k={args.k}")
+    clamp = f", |s| <= {args.max_count}" if args.max_count is not None else ""
+    ax.set_title(f"Spike-aware continual pretraining, sb7b_tiny, k={args.k}{clamp}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
