@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from sbtrain.bench.common import is_quadratic, meta, model_config, pyplot, run_worker, write_json
+from sbtrain.bench.common import is_quadratic, meta, model_config, pyplot, report, run_worker
 from sbtrain.bench.config import format_length, lengths, quadratic_max
 
 MEMORY_RATIO_MAX = 1.2
@@ -84,13 +84,7 @@ def run(cfg) -> dict:
                         "ratio_floor_mb": RESIDENT_FLOOR_MB},
                "rows": rows, "checks": checks}
     print_table(rows)
-    for c in checks:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']}: {c['target']} (got {c['value']:.3f})")
-    path = write_json(cfg.out, "decode", payload)
-    if cfg.plot:
-        plot(rows, path.with_suffix(".png"))
-    print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if cfg.plot else ""))
-    return payload
+    return report(cfg, "decode", payload, lambda png: plot(rows, png))
 
 
 def print_table(rows: list[dict]) -> None:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sbtrain.bench.common import is_quadratic, meta, model_config, pyplot, run_worker, write_json
+from sbtrain.bench.common import is_quadratic, meta, model_config, pyplot, report, run_worker
 from sbtrain.bench.config import format_length, lengths, quadratic_max
 from sbtrain.bench.worker import fill_cache
 from sbtrain.models import build_model
@@ -100,13 +100,7 @@ def run(cfg) -> dict:
                         "memory_measure": "peak RSS during fwd+bwd minus RSS after the model is built"},
                "train": train, "cache": cache, "checks": checks}
     print_table(train, cache)
-    for c in checks:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']}: {c['target']} (got {c['value']:.3f})")
-    path = write_json(cfg.out, "memory", payload)
-    if cfg.plot:
-        plot(train, cache, path.with_suffix(".png"))
-    print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if cfg.plot else ""))
-    return payload
+    return report(cfg, "memory", payload, lambda png: plot(train, cache, png))
 
 
 def print_table(train: list[dict], cache: list[dict]) -> None:

@@ -26,7 +26,7 @@ from sbtrain.bench.common import (
     model_config,
     prefill_flops,
     pyplot,
-    write_json,
+    report,
 )
 from sbtrain.bench.config import format_length, lengths, parse_length, quadratic_max
 from sbtrain.models import build_model, prefill
@@ -152,13 +152,7 @@ def run(cfg) -> dict:
                         "single_repeat_above": single_above, "fit_from": fit_from, "repeats": cfg.repeats},
                "results": results, "comparisons": comparisons, "checks": checks}
     print_table(results, comparisons, cfg.baseline)
-    for c in checks:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']}: {c['target']} (got {c['value']:.3f})")
-    path = write_json(cfg.out, "ttft", payload)
-    if cfg.plot:
-        plot(results, path.with_suffix(".png"))
-    print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if cfg.plot else ""))
-    return payload
+    return report(cfg, "ttft", payload, lambda png: plot(results, png))
 
 
 def print_table(results: dict, comparisons: list[dict], baseline: str) -> None:
