@@ -157,7 +157,7 @@ def report(cfg, name: str, payload: dict, plot) -> dict:
     """The shared ending of every subcommand: PASS/FAIL per target, ``<out>/<name>.json`` and,
     with ``cfg.plot``, ``plot(png_path)``; returns the payload."""
     for c in payload["checks"]:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']}: {c['target']} (got {c['value']:.3f})")
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['model']}: {c['target']} (got {c['value']:.4g})")
     path = write_json(cfg.out, name, payload)
     if cfg.plot:
         plot(path.with_suffix(".png"))

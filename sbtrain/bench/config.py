@@ -50,7 +50,11 @@ class BenchConfig:
     activation_checkpointing: str = "full"  # memory: none | selective | full
     new_tokens: int = 32  # decode: tokens decoded per run
     decode_fill: str = "synthetic"  # decode: cache filled with random keys/values (synthetic) or a real prefill
-    timeout_s: float = 7200.0  # memory, decode: per subprocess
+    timeout_s: float = 7200.0  # memory, decode: per subprocess; ttft with cp > 1: the whole cp run
+    # ttft: also prefill across this many gloo processes with context parallelism (each rank
+    # threads // cp threads), beside the in-process prefill; 1: in-process only.
+    cp: int = 1
+    cp_linear: str = "allgather"  # ttft with cp > 1: linear-attention CP method, allgather (LASP-2) | scan
 
 
 def parse_length(value) -> int:
@@ -84,8 +88,26 @@ def validate(cfg: BenchConfig, subcommand: str) -> BenchConfig:
         raise BenchError(f"decode_fill={cfg.decode_fill} is unknown; use one of {', '.join(DECODE_FILL)}")
     if cfg.repeats < 1 or cfg.new_tokens < 1:
         raise BenchError(f"repeats={cfg.repeats} and new_tokens={cfg.new_tokens} must be >= 1")
+    validate_cp(cfg, subcommand)
     lengths(cfg, subcommand)  # parse errors now, not after an hour of measuring
     return cfg
+
+
+def validate_cp(cfg: BenchConfig, subcommand: str) -> None:
+    from parallel.context_parallel import CP_LINEAR_METHODS
+
+    if cfg.cp < 1:
+        raise BenchError(f"cp={cfg.cp} must be >= 1 (the number of context-parallel prefill processes)")
+    if cfg.cp_linear not in CP_LINEAR_METHODS:
+        raise BenchError(f"cp_linear={cfg.cp_linear} is unknown; use one of {', '.join(CP_LINEAR_METHODS)}")
+    if cfg.cp == 1:
+        return
+    if subcommand != "ttft":
+        raise BenchError(f"cp={cfg.cp} applies to ttft only (context-parallel prefill); drop it for {subcommand}")
+    bad = [format_length(T) for T in lengths(cfg, subcommand) if T % cfg.cp]
+    if bad:
+        raise BenchError(f"lengths {bad} are not divisible by cp={cfg.cp}: each rank holds an equal contiguous "
+                         f"shard; use multiples of {cfg.cp}")
 
 
 def lengths(cfg: BenchConfig, subcommand: str) -> list[int]:

@@ -8,6 +8,11 @@ all alike; a point is the median of its repeats. Models with full-attention laye
 up to ``quadratic_max_length`` (once above ``single_repeat_above``) and extrapolated beyond from
 the exponent fitted to their measured points (labelled ``extrapolated``). Beside each speed-up
 over the baseline stands the ratio of the two models' prefill FLOPs at that length.
+
+With ``cp=N`` every model is also prefilled across N gloo processes with context parallelism
+(:mod:`sbtrain.bench.cp_prefill`) in the same run: beside the cp=1 time stand the cp=N time, the
+speed-up and the largest first-token logit difference (checked: context parallelism must not
+change the answer).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from sbtrain.bench.common import (
     report,
 )
 from sbtrain.bench.config import format_length, lengths, parse_length, quadratic_max
+from sbtrain.bench.cp_prefill import compare_cp, prompt_ids, run_cp
 from sbtrain.models import build_model, prefill
 
 EXPONENT_MAX = 1.15  # linear-time models, fitted between fit_from and the longest length
 FLOP_EFFICIENCY_MIN = 0.6  # measured speed-up >= 0.6 x FLOP ratio, every length >= fit_from
 SPEEDUP_AT_128K_MIN = 25.0
 WARMUP_TOKENS = 256
+CP_LOGIT_TOL = 1e-3  # fp32: cp=N reorders sums (state exchange, all-to-all); a wrong shard is off by whole units
 
 
 def fit_model(points: list[dict], fit_from: int) -> dict:
@@ -102,11 +109,12 @@ def check_targets(results: dict, comparisons: list[dict], fit_from: int) -> list
     return checks
 
 
-def time_prefills(models: dict, Ts: list[int], cfg, qmax: int, single_above: int) -> dict:
+def time_prefills(models: dict, Ts: list[int], cfg, qmax: int, single_above: int) -> tuple[dict, dict]:
+    """``(points per model, first-token logits per model and length)``."""
     points = {name: [] for name in models}
+    logits = {name: {} for name in models}
     for T in Ts:
-        ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, T),
-                            generator=torch.Generator().manual_seed(cfg.seed + T))
+        ids = prompt_ids(min(m.config.vocab_size for m in models.values()), T, cfg.seed)
         runs = {name: [] for name in models}
         for r in range(cfg.repeats):
             for name, model in models.items():
@@ -114,7 +122,7 @@ def time_prefills(models: dict, Ts: list[int], cfg, qmax: int, single_above: int
                 if quadratic and (T > qmax or (T > single_above and r > 0)):
                     continue
                 start = time.perf_counter()
-                prefill(model, ids)
+                logits[name][T] = prefill(model, ids)[0]
                 runs[name].append(time.perf_counter() - start)
         for name, ts in runs.items():
             if ts:
@@ -122,7 +130,13 @@ def time_prefills(models: dict, Ts: list[int], cfg, qmax: int, single_above: int
                                      "label": f"median of {len(ts)}" if len(ts) > 1 else "one run"})
                 print(f"  {name:>12} {format_length(T):>6}: {statistics.median(ts):9.3f} s ({len(ts)} run(s))",
                       flush=True)
-    return points
+    return points, logits
+
+
+def check_cp(rows: list[dict]) -> list[dict]:
+    return [{"model": r["model"], "target": f"cp={r['cp']} first-token logits equal cp=1 within {CP_LOGIT_TOL:g} at "
+             f"{format_length(r['seq_len'])}", "value": r["max_abs_logit_diff"],
+             "pass": r["max_abs_logit_diff"] <= CP_LOGIT_TOL} for r in rows]
 
 
 def run(cfg) -> dict:
@@ -138,7 +152,14 @@ def run(cfg) -> dict:
         torch.manual_seed(cfg.seed)
         models[name] = build_model(model_config(name, cfg.model_overrides)).eval()
         prefill(models[name], torch.zeros(1, min(WARMUP_TOKENS, Ts[0]), dtype=torch.long))  # first-call costs
-    points = time_prefills(models, Ts, cfg, qmax, single_above)
+    points, logits = time_prefills(models, Ts, cfg, qmax, single_above)
+    cp = None
+    if cfg.cp > 1:
+        print(f"context-parallel prefill: {cfg.cp} gloo processes, cp_linear={cfg.cp_linear}", flush=True)
+        cp_points, cp_logits = run_cp(models, Ts, cfg, qmax, single_above, WARMUP_TOKENS)
+        cp = {"degree": cfg.cp, "linear_method": cfg.cp_linear, "points": cp_points,
+              "threads_per_rank": max(1, (cfg.threads or torch.get_num_threads()) // cfg.cp),
+              "comparisons": compare_cp(points, cp_points, logits, cp_logits, cfg.cp)}
     results = {}
     for name, model in models.items():
         fit = fit_model(points[name], fit_from)
@@ -147,12 +168,14 @@ def run(cfg) -> dict:
             p["flops"] = prefill_flops(model.config, p["seq_len"])
         results[name] = {"quadratic": is_quadratic(model.config), "fit": fit, "points": points[name]}
     comparisons = compare(results, cfg.baseline)
-    checks = check_targets(results, comparisons, fit_from)
+    checks = check_targets(results, comparisons, fit_from) + (check_cp(cp["comparisons"]) if cp else [])
     payload = {"meta": {**meta(cfg, "ttft"), "matmul_flops": matmul, "quadratic_max_length": qmax,
                         "single_repeat_above": single_above, "fit_from": fit_from, "repeats": cfg.repeats},
-               "results": results, "comparisons": comparisons, "checks": checks}
+               "results": results, "comparisons": comparisons, "cp": cp, "checks": checks}
     print_table(results, comparisons, cfg.baseline)
-    return report(cfg, "ttft", payload, lambda png: plot(results, png))
+    if cp:
+        print_cp_table(cp)
+    return report(cfg, "ttft", payload, lambda png: plot(results, png, cp))
 
 
 def print_table(results: dict, comparisons: list[dict], baseline: str) -> None:
@@ -170,7 +193,16 @@ def print_table(results: dict, comparisons: list[dict], baseline: str) -> None:
               f"{'/'.join(format_length(x) for x in res['fit']['fit_lengths'])}")
 
 
-def plot(results: dict, path) -> None:
+def print_cp_table(cp: dict) -> None:
+    print(f"\ncontext-parallel prefill, cp={cp['degree']} ({cp['threads_per_rank']} thread(s) per rank) vs in-process")
+    print(f"{'model':>12} {'prompt':>7} {'cp=1 s':>9} {'cp=' + str(cp['degree']) + ' s':>9} {'speedup':>8} "
+          f"{'max |dlogit|':>13}")
+    for r in cp["comparisons"]:
+        print(f"{r['model']:>12} {format_length(r['seq_len']):>7} {r['seconds_cp1']:9.3f} {r['seconds_cp']:9.3f} "
+              f"{r['speedup_vs_cp1']:8.2f} {r['max_abs_logit_diff']:13.2e}")
+
+
+def plot(results: dict, path, cp: dict | None = None) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, res in results.items():
@@ -182,6 +214,10 @@ def plot(results: dict, path) -> None:
         if extra:
             xs, ys = [meas[-1]["seq_len"]] + [p["seq_len"] for p in extra], [meas[-1]["seconds"]] + [p["seconds"] for p in extra]
             ax.loglog(xs, ys, "o--", mfc="none", color=line.get_color(), label=f"{name} extrapolated")
+        if cp and cp["points"].get(name):
+            pts = cp["points"][name]
+            ax.loglog([p["seq_len"] for p in pts], [p["seconds"] for p in pts], "s:", color=line.get_color(),
+                      label=f"{name} cp={cp['degree']}")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill seconds (time to first token)")
     ax.set_title("prefill time, this CPU, fp32, batch 1")

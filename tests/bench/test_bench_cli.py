@@ -108,6 +108,29 @@ def test_ttft_cli_writes_table_json_png_and_labels_extrapolation(tmp_path, capsy
     assert any("exponent" in c["target"] for c in data["checks"])
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["allgather", "scan"])
+def test_ttft_cp2_prefill_matches_in_process_first_token(tmp_path, capsys, method):
+    """cp=2: two gloo ranks prefill halves of the prompt through the CP mixers (GLA state exchange,
+    SWA halo, Ulysses); the last rank's first-token logits must equal the in-process prefill's."""
+    run_cli("ttft", "lengths=[64,128]", "repeats=1", "cp=2", f"cp_linear={method}", "threads=2", f"out={tmp_path}",
+            "fit_from=64", "plot=false", TINY_ARG)
+    out = capsys.readouterr().out
+    assert "context-parallel prefill, cp=2 (1 thread(s) per rank)" in out
+    data = json.loads((tmp_path / "ttft.json").read_text())
+    cp = data["cp"]
+    assert cp["degree"] == 2 and cp["linear_method"] == method and cp["threads_per_rank"] == 1
+    rows = {(r["model"], r["seq_len"]): r for r in cp["comparisons"]}
+    assert sorted(rows) == [("qwen2_tiny", 64), ("qwen2_tiny", 128), ("sb7b_tiny", 64), ("sb7b_tiny", 128)]
+    for (name, T), r in rows.items():
+        single = next(p for p in data["results"][name]["points"] if p["seq_len"] == T)
+        assert r["seconds_cp1"] == single["seconds"] and r["speedup_vs_cp1"] == pytest.approx(
+            single["seconds"] / r["seconds_cp"])
+        assert r["max_abs_logit_diff"] < 1e-4, (name, T, r["max_abs_logit_diff"])
+    cp_checks = [c for c in data["checks"] if "first-token logits" in c["target"]]
+    assert len(cp_checks) == 4 and all(c["pass"] for c in cp_checks)
+
+
 def test_memory_cli_in_process(tmp_path, capsys):
     run_cli("memory", "lengths=[64,128]", f"out={tmp_path}", "fresh_process=false", "quadratic_max_length=64", TINY_ARG)
     assert "train peak MB" in capsys.readouterr().out
@@ -151,6 +174,10 @@ def test_fresh_process_worker_matches_in_process():
     (["ttft", "lengths=[4q]"], "4q"),
     (["ttft", "baseline=sb7b_tiny", "models=[qwen2_tiny]"], "baseline=sb7b_tiny is not in models"),
     (["memory", "activation_checkpointing=most"], "activation_checkpointing=most"),
+    (["ttft", "cp=2", "lengths=[64,65]"], "lengths ['65'] are not divisible by cp=2"),
+    (["decode", "cp=2"], "cp=2 applies to ttft only"),
+    (["ttft", "cp=2", "cp_linear=ring"], "cp_linear=ring is unknown"),
+    (["ttft", "cp=0"], "cp=0 must be >= 1"),
 ])
 def test_bad_input_exits_2_naming_it(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,121 @@
+"""Prefill across N processes with context parallelism (``sbtrain-bench ttft cp=N``).
+
+Each of N gloo processes builds the same model (same seed, so the same weights), takes its
+contiguous 1/N of the prompt and runs the training forward's context-parallel mixers
+(:class:`parallel.context_parallel.ContextParallel`: LASP-2 state exchange for GLA, a halo for
+sliding windows, Ulysses for full attention) without autograd. The last rank holds the prompt's
+last position and computes the first token's logits from it. What is timed is the time to
+first token: a barrier, the sharded forward, the last rank's head, a barrier (so the slowest
+rank sets the time). The decode cache is not assembled across ranks (its GLA states and window
+keys sit on the last rank, full-attention keys on all): a cp>1 prefill answers the first token
+only, which is what TTFT measures.
+
+Threads: each rank gets ``threads // cp`` (at least one), so cp=N and cp=1 share the same cores.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.context_parallel import ContextParallel
+from sbtrain.bench.common import is_quadratic
+from sbtrain.bench.config import format_length
+from sbtrain.models import build_model
+
+
+@torch.no_grad()
+def cp_first_token_logits(model, input_ids: torch.Tensor, cp: ContextParallel) -> torch.Tensor | None:
+    """Logits ``[B,V]`` (fp32) of the prompt's last position on the last CP rank; None elsewhere.
+    ``input_ids`` is the whole prompt ``[B,T]`` (every rank builds it; each uses its shard)."""
+    hidden, _ = model.hidden_states(cp.shard(input_ids), context_parallel=cp)
+    if cp.rank != cp.size - 1:
+        return None
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def prompt_ids(vocab_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The prompt every ttft measurement of length ``seq_len`` uses (in-process and cp ranks alike)."""
+    return torch.randint(0, vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed + seq_len))
+
+
+def rank_main(spec: dict) -> dict:
+    """One rank of a cp=N ttft run (called through :func:`parallel.testing.run_distributed`).
+
+    ``spec``: models (name -> ModelConfig), lengths, repeats, seed, threads, cp_linear,
+    quadratic_max, single_above, warmup_tokens. Returns per model and length the timed runs, and
+    on the last rank the first-token logits of the last run (for the equivalence check)."""
+    torch.set_num_threads(spec["threads"])
+    group = dist.group.WORLD
+    models = {}
+    for name, mcfg in spec["models"].items():
+        torch.manual_seed(spec["seed"])
+        models[name] = build_model(mcfg).eval()
+        size = dist.get_world_size(group)
+        warm = max(size, spec["warmup_tokens"] // size * size)
+        cp_first_token_logits(models[name], torch.zeros(1, warm, dtype=torch.long),
+                              ContextParallel(group, warm, linear_method=spec["cp_linear"]))
+    vocab = min(m.config.vocab_size for m in models.values())
+    runs = {name: {} for name in models}
+    logits = {name: {} for name in models}
+    for T in spec["lengths"]:
+        ids = prompt_ids(vocab, T, spec["seed"])
+        cp = ContextParallel(group, T, linear_method=spec["cp_linear"])
+        for r in range(spec["repeats"]):
+            for name, model in models.items():
+                if is_quadratic(model.config) and (T > spec["quadratic_max"] or (T > spec["single_above"] and r > 0)):
+                    continue
+                dist.barrier(group)
+                start = time.perf_counter()
+                out = cp_first_token_logits(model, ids, cp)
+                dist.barrier(group)
+                runs[name].setdefault(T, []).append(time.perf_counter() - start)
+                if out is not None:
+                    logits[name][T] = out
+    return {"runs": runs, "logits": logits, "rank": dist.get_rank(group)}
+
+
+def run_cp(models: dict, Ts: list[int], cfg, qmax: int, single_above: int, warmup_tokens: int) -> tuple[dict, dict]:
+    """Time cp=``cfg.cp`` prefills in ``cfg.cp`` fresh gloo processes; returns
+    ``(points per model, first-token logits per model and length)`` in the in-process layout."""
+    from parallel.testing import run_distributed
+
+    total = cfg.threads or torch.get_num_threads()
+    spec = {"models": {name: m.config for name, m in models.items()}, "lengths": Ts, "repeats": cfg.repeats,
+            "seed": cfg.seed, "threads": max(1, total // cfg.cp), "cp_linear": cfg.cp_linear,
+            "quadratic_max": qmax, "single_above": single_above, "warmup_tokens": warmup_tokens}
+    ranks = run_distributed(rank_main, cfg.cp, spec, reuse=False, timeout=cfg.timeout_s)
+    last = next(r for r in ranks if r["rank"] == cfg.cp - 1)
+    points = {}
+    for name in models:
+        points[name] = []
+        for T in Ts:
+            ts = ranks[0]["runs"][name].get(T)
+            if not ts:
+                continue
+            points[name].append({"seq_len": T, "seconds": statistics.median(ts), "runs": ts, "measured": True,
+                                 "label": (f"median of {len(ts)}" if len(ts) > 1 else "one run")
+                                 + f", cp={cfg.cp} x {spec['threads']} thread(s)"})
+            print(f"  {name:>12} {format_length(T):>6} cp={cfg.cp}: {statistics.median(ts):9.3f} s ({len(ts)} run(s))",
+                  flush=True)
+    return points, last["logits"]
+
+
+def compare_cp(single: dict, multi: dict, single_logits: dict, multi_logits: dict, cp: int) -> list[dict]:
+    """Per model and length measured both ways: the cp=N speed-up over cp=1 and the largest
+    first-token logit difference (context parallelism must not change the answer)."""
+    rows = []
+    for name, points in multi.items():
+        base = {p["seq_len"]: p for p in single.get(name, []) if p["measured"]}
+        for p in points:
+            b = base.get(p["seq_len"])
+            if b is None:
+                continue
+            diff = (multi_logits[name][p["seq_len"]] - single_logits[name][p["seq_len"]]).abs().max().item()
+            rows.append({"model": name, "seq_len": p["seq_len"], "cp": cp, "seconds_cp1": b["seconds"],
+                         "seconds_cp": p["seconds"], "speedup_vs_cp1": b["seconds"] / p["seconds"],
+                         "max_abs_logit_diff": diff})
+    return rows
