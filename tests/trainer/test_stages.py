@@ -135,3 +135,31 @@ def test_batch_that_cannot_keep_tokens_per_step_is_an_error(dataset, tmp_path):
     with pytest.raises(ConfigError, match="seq_len=96 does not divide the run's tokens per step 128"):
         run(dataset, tmp_path, plan, "stages=all")
     assert not (tmp_path / "a").exists()  # checked before the first stage trains
+
+
+# The same plan with sb7b_cpt.yaml's shape: stage a data parallel over the 2 ranks, stages b and c
+# context parallel (cp=2, no data parallelism left), so the mesh changes at the a -> b boundary.
+PLAN_CP = PLAN.replace("{name:b,seq_len:64,", "{name:b,seq_len:64,cp:2,").replace(
+    "{name:c,seq_len:128,", "{name:c,seq_len:128,cp:2,")
+
+
+def _staged_two_ranks(dataset: str, out: str) -> dict:
+    return run(dataset, Path(out), PLAN_CP, "data.shuffle_window=6", "stages=all")
+
+
+@pytest.mark.distributed
+def test_cp_degree_changes_between_stages_on_two_ranks(dataset, reference, tmp_path):
+    """dp=2 -> cp=2 at a stage boundary: the FSDP shards of stage a's final checkpoint load into the
+    cp mesh, the document cursor carries over, and every step's loss equals the one-process run's
+    (up to the summation order of the sharded loss and the CP state exchange)."""
+    from parallel.testing import run_distributed
+
+    assert "cp:2" in PLAN_CP and PLAN_CP.count("cp:2") == 2
+    summaries = run_distributed(_staged_two_ranks, 2, dataset, str(tmp_path), timeout=600)
+    assert [s["stage"] for s in summaries[0]["stages"]] == ["a", "b", "c"] and summaries[0]["step"] == 10
+    for name in ("b", "c"):
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["parallel"]["cp"] == 2
+    for name, steps in STEPS.items():
+        got, ref = losses(tmp_path / name), reference["losses"][name]
+        assert sorted(got) == list(steps)
+        np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=0, atol=2e-5, err_msg=name)
