@@ -88,6 +88,19 @@ class SpikeConfig:
 
 
 @dataclass
+class YarnConfig:
+    """YaRN RoPE scaling of the softmax layers (``operators.elementwise.yarn_inv_freq``; HF's
+    ``rope_type="yarn"``). ``factor=1``: off (plain RoPE of ``rope_base``). Usually set per stage
+    (``stage_plan[i].rope.kind=yarn``), not by hand."""
+
+    factor: float = 1.0  # context extension factor s (frequencies of slow dimensions / s)
+    original_max_position: int = 0  # the context length trained at before the scaling (needed when factor > 1)
+    beta_fast: float = 32.0  # dimensions turning more often than this over the original context keep their frequency
+    beta_slow: float = 1.0  # dimensions turning less often than this are fully interpolated
+    attention_factor: float | None = None  # cos/sin scale; null: 0.1 ln(factor) + 1
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     vocab_size: int = 8192
@@ -99,6 +112,7 @@ class ModelConfig:
     intermediate_size: int = 768
     rms_norm_eps: float = 1e-6
     rope_base: float = 1_000_000.0
+    rope_yarn: YarnConfig = field(default_factory=YarnConfig)  # factor 1: plain RoPE
     attention_bias: bool = True  # bias on q/k/v (never on o), as in Qwen2
     tie_embeddings: bool = False
     sliding_window: int = 512  # W past tokens + the current one (HF's sliding_window is W + 1)
@@ -163,7 +177,23 @@ class ModelConfig:
             raise ConfigError(f"model.hybrid.num_sink_tokens={self.hybrid.num_sink_tokens} must be >= 0")
         self._validate_moe()
         self._validate_spike()
+        self._validate_yarn()
         return self
+
+    def _validate_yarn(self) -> None:
+        y = self.rope_yarn
+        if y.factor < 1:
+            raise ConfigError(f"model.rope_yarn.factor={y.factor} must be >= 1 (1: plain RoPE)")
+        if y.factor == 1:
+            return
+        if y.original_max_position <= 0:
+            raise ConfigError(f"model.rope_yarn.factor={y.factor} needs model.rope_yarn.original_max_position (the "
+                              "context length trained at before the scaling, e.g. 8192)")
+        if not 0 < y.beta_slow < y.beta_fast:
+            raise ConfigError(f"model.rope_yarn.beta_slow={y.beta_slow} and beta_fast={y.beta_fast} need "
+                              "0 < beta_slow < beta_fast (defaults 1 and 32)")
+        if y.attention_factor is not None and y.attention_factor <= 0:
+            raise ConfigError(f"model.rope_yarn.attention_factor={y.attention_factor} must be positive, or null")
 
     def _validate_spike(self) -> None:
         spike = self.spike

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sbtrain.config.model import ConfigError
 
-ROPE_KINDS = ("none", "theta")
+ROPE_KINDS = ("none", "theta", "yarn")
 OPTIMIZER_CARRY = ("carry", "reset")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 
@@ -27,14 +27,22 @@ SCHEDULES = ("cosine", "wsd", "linear", "constant")
 class RopeScalingConfig:
     """RoPE change for the softmax layers from this stage on (GLA layers have no RoPE).
 
-    none: keep the base in force (the model's, or the last stage's that changed it).
+    none: keep what is in force (the model's, or what an earlier stage set).
     theta: a new base (e.g. 1e6 -> 8e6 before a 4x longer context).
-    YaRN is not offered yet: it needs per-frequency scaling and an attention temperature in the
-    model's rotary embedding (``sbtrain.models.layers.Rotary``), which takes a base only.
+    yarn: YaRN scaling (``model.rope_yarn``, HF's rope_type yarn) on top of the base in force.
+    ``original_max_position`` defaults to the length the model had before the first YaRN stage
+    (the previous stage's ``seq_len``; the run's ``trainer.seq_len`` for the first stage), ``factor``
+    to this stage's ``seq_len`` / ``original_max_position``. A later yarn stage replaces the factor
+    and keeps the original length (so 8k -> 32k -> 128k gives factors 4 and 16 over 8k).
     """
 
-    kind: str = "none"  # none | theta
+    kind: str = "none"  # none | theta | yarn
     theta: float | None = None  # kind=theta: the new RoPE base
+    factor: float | None = None  # kind=yarn: null = seq_len / original_max_position
+    original_max_position: int | None = None  # kind=yarn: null = the length before the first yarn stage
+    beta_fast: float = 32.0  # kind=yarn: see sbtrain.config.model.YarnConfig
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # kind=yarn: cos/sin scale; null: 0.1 ln(factor) + 1
 
 
 @dataclass
@@ -75,13 +83,17 @@ def validate_stage(stage: StageConfig, index: int) -> StageConfig:
     if stage.optimizer not in OPTIMIZER_CARRY:
         raise ConfigError(f"{where}: optimizer={stage.optimizer!r} is unknown; use carry or reset")
     rope = stage.rope
-    if rope.kind == "yarn":
-        raise ConfigError(f"{where}: rope.kind=yarn is not implemented yet (the model's rotary embedding takes a "
-                          "base only); use rope.kind=theta with a larger rope.theta")
     if rope.kind not in ROPE_KINDS:
         raise ConfigError(f"{where}: rope.kind={rope.kind!r} is unknown; use one of {ROPE_KINDS}")
     if rope.kind == "theta" and not (rope.theta and rope.theta > 0):
         raise ConfigError(f"{where}: rope.kind=theta needs a positive rope.theta (the new RoPE base)")
+    if rope.kind != "yarn" and (rope.factor is not None or rope.original_max_position is not None):
+        raise ConfigError(f"{where}: rope.factor / rope.original_max_position apply to rope.kind=yarn only "
+                          f"(kind is {rope.kind!r})")
+    if rope.kind == "yarn" and rope.factor is not None and rope.factor < 1:
+        raise ConfigError(f"{where}: rope.factor={rope.factor} must be >= 1 (YaRN stretches the context)")
+    if rope.kind == "yarn" and rope.original_max_position is not None and rope.original_max_position < 1:
+        raise ConfigError(f"{where}: rope.original_max_position={rope.original_max_position} must be positive")
     return stage
 
 

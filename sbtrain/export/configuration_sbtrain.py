@@ -32,6 +32,7 @@ class SbtrainConfig(PretrainedConfig):
         intermediate_size: int = 768,
         rms_norm_eps: float = 1e-6,
         rope_base: float = 1_000_000.0,
+        rope_yarn: dict | None = None,
         attention_bias: bool = True,
         tie_word_embeddings: bool = False,
         sliding_window: int = 513,
@@ -52,6 +53,8 @@ class SbtrainConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.rms_norm_eps = rms_norm_eps
         self.rope_base = rope_base
+        # YaRN scaling (factor, original_max_position, beta_fast, beta_slow, attention_factor); factor 1: off
+        self.rope_yarn = dict(rope_yarn or {"factor": 1.0})
         self.attention_bias = attention_bias
         self.tie_word_embeddings = tie_word_embeddings
         self.sliding_window = sliding_window

@@ -143,6 +143,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_base": cfg.rope_base,
+        "rope_yarn": plain["rope_yarn"],
         "attention_bias": cfg.attention_bias,
         "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": cfg.sliding_window + 1,  # HF counts the current token

@@ -74,13 +74,34 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     return FEATURE_MAPS[kind](x)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin ``[B,T,D]`` (HF's inv_freq formula, rotate-half layout)."""
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim
-    inv_freq = 1.0 / (base**exponents)
+def rope_inv_freq(dim: int, base: float, yarn: dict, device) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale: plain RoPE (HF's formula), or YaRN when
+    ``yarn["factor"] > 1`` (HF's rope_type yarn: NTK-by-parts ramp between beta_fast and beta_slow
+    rotations over the original context, cos/sin scaled by 0.1 ln(factor) + 1 unless given)."""
+    plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    factor = float(yarn.get("factor", 1.0))
+    if factor == 1.0:
+        return plain, 1.0
+    original = yarn["original_max_position"]
+
+    def rotations_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(rotations_dim(yarn.get("beta_fast", 32.0))), 0)
+    high = min(math.ceil(rotations_dim(yarn.get("beta_slow", 1.0))), dim - 1)
+    high = high + 0.001 if low == high else high
+    keep = 1 - ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    scale = yarn.get("attention_factor")
+    return plain / factor * (1 - keep) + plain * keep, float(scale if scale is not None else 0.1 * math.log(factor) + 1)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float,
+                   yarn: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin ``[B,T,D]`` (rotate-half layout)."""
+    inv_freq, scale = rope_inv_freq(dim, base, yarn or {}, position_ids.device)
     freqs = position_ids.float().unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -380,7 +401,8 @@ class SbtrainModel(SbtrainPreTrainedModel):
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T)
-        cos, sin = rotary_cos_sin(position_ids.expand(B, T), self.config.head_dim, self.config.rope_base)
+        cos, sin = rotary_cos_sin(position_ids.expand(B, T), self.config.head_dim, self.config.rope_base,
+                                  getattr(self.config, "rope_yarn", None))
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)

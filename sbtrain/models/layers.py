@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from operators import ops
-from operators.elementwise import rotary_cos_sin
+from operators.elementwise import rotary_cos_sin, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -69,8 +69,12 @@ def default_position_ids(batch: int, seq_len: int, cu_seqlens: torch.Tensor | No
 class Rotary:
     """cos/sin for a batch of positions, computed once per forward and shared by all layers."""
 
-    def __init__(self, position_ids: torch.Tensor, head_dim: int, base: float):
-        self.cos, self.sin = rotary_cos_sin(position_ids, head_dim, base)
+    def __init__(self, position_ids: torch.Tensor, head_dim: int, base: float, yarn=None):
+        inv_freq, scale = None, 1.0
+        if yarn is not None and yarn.factor != 1:  # a YarnConfig (sbtrain.config.model)
+            inv_freq, scale = yarn_inv_freq(head_dim, base, yarn.factor, yarn.original_max_position, yarn.beta_fast,
+                                            yarn.beta_slow, yarn.attention_factor, position_ids.device)
+        self.cos, self.sin = rotary_cos_sin(position_ids, head_dim, base, inv_freq=inv_freq, scale=scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rotary(x, self.cos, self.sin)

@@ -140,7 +140,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             offset = cache.seq_len if cache is not None else 0
             position_ids = default_position_ids(B, T, cu_seqlens, input_ids.device, offset)
-        rotary = Rotary(position_ids, cfg.resolved_head_dim, cfg.rope_base)
+        rotary = Rotary(position_ids, cfg.resolved_head_dim, cfg.rope_base, cfg.rope_yarn)
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache() for _ in range(cfg.num_layers)]
         x = self.model.embed_tokens(input_ids)

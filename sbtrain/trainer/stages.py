@@ -38,7 +38,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-from sbtrain.config.model import ConfigError
+from sbtrain.config.model import ConfigError, YarnConfig
 from sbtrain.config.stages import StageConfig, stage_batch, validate_plan
 from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.trainer import Trainer, _python_rng_from_json
@@ -62,13 +62,24 @@ def _write_done(run_dir: Path, name: str, record: dict) -> None:
         dist.barrier()  # the next stage (on every rank) reads this file
 
 
-def rope_theta(plan: list[StageConfig], index: int) -> float | None:
-    """The RoPE base in force at stage ``index``: the last stage up to it that set one (None: the model's)."""
-    theta = None
-    for stage in plan[: index + 1]:
-        if stage.rope.kind == "theta":
-            theta = float(stage.rope.theta)
-    return theta
+def rope_in_force(plan: list[StageConfig], index: int, run_seq_len: int) -> tuple[float | None, YarnConfig | None]:
+    """``(RoPE base, YaRN scaling)`` in force at stage ``index``: each the last one a stage up to it
+    set (None: the model's own). A yarn stage's defaults are resolved here (see RopeScalingConfig)."""
+    theta, yarn = None, None
+    for i, stage in enumerate(plan[: index + 1]):
+        rope = stage.rope
+        if rope.kind == "theta":
+            theta = float(rope.theta)
+        elif rope.kind == "yarn":
+            before = plan[i - 1].seq_len if i else run_seq_len
+            original = rope.original_max_position or (yarn.original_max_position if yarn else before)
+            factor = float(rope.factor) if rope.factor is not None else stage.seq_len / original
+            if factor < 1:
+                raise ConfigError(f"stage {stage.name}: YaRN factor {factor:g} (seq_len {stage.seq_len} / original "
+                                  f"{original}) is below 1; YaRN stretches the context, set rope.factor >= 1")
+            yarn = YarnConfig(factor=factor, original_max_position=int(original), beta_fast=float(rope.beta_fast),
+                              beta_slow=float(rope.beta_slow), attention_factor=rope.attention_factor)
+    return theta, yarn
 
 
 def stage_config(cfg: DictConfig, plan: list[StageConfig], index: int, run_dir: Path) -> DictConfig:
@@ -94,9 +105,11 @@ def stage_config(cfg: DictConfig, plan: list[StageConfig], index: int, run_dir: 
         arch.document_masking = bool(cfg.model.document_masking)
         scfg.model = OmegaConf.structured(arch)
         scfg.trainer.init_from = None
-    theta = rope_theta(plan, index)
+    theta, yarn = rope_in_force(plan, index, cfg.trainer.seq_len)
     if theta is not None:
         scfg.model.rope_base = theta  # the record (config.yaml, checkpoint meta); the model gets it in on_start
+    if yarn is not None:
+        scfg.model.rope_yarn = OmegaConf.structured(yarn)
     scfg.stage, scfg.stages = stage.name, None
     return scfg
 
@@ -147,13 +160,15 @@ def run_stage(cfg: DictConfig, plan: list[StageConfig], index: int, run_dir: Pat
                 f"finished stage ({DONE} is missing): run stage={before} first, or stages=all"
             )
     scfg = stage_config(cfg, plan, index, run_dir)
-    theta = rope_theta(plan, index)
+    theta, yarn = rope_in_force(plan, index, cfg.trainer.seq_len)
     start_step = int(previous["step"]) if previous else 0
 
     def on_start(trainer: Trainer, resumed: dict | None) -> None:
         trainer.schedule_start = start_step  # this stage's LR schedule starts at its first step
         if theta is not None:
             _core_model(trainer.model).config.rope_base = theta  # the rotary embedding reads it every forward
+        if yarn is not None:
+            _core_model(trainer.model).config.rope_yarn = yarn
         if resumed is None and previous is not None:
             start_from_checkpoint(trainer, Path(previous["checkpoint"]), stage.optimizer == "carry")
 

@@ -41,6 +41,9 @@ CONFIGS = {
              "router_activation": "sigmoid"},
     ),
     "qwen2": dict(BASE, name="qwen2_test", layer_pattern=["full"], num_layers=2, tie_embeddings=True),
+    # YaRN over an original context of 4 (prompt 20 + 16): stretched frequencies and the cos/sin scale
+    "yarn": dict(BASE, name="yarn_test", layer_pattern=["swa", "full"], num_layers=2, rope_base=100.0,
+                 rope_yarn={"factor": 4.0, "original_max_position": 4}),
 }
 
 

@@ -15,7 +15,7 @@ from tests.models.helpers import tiny_model
 OVERRIDES = ["model.num_layers=3", "model.vocab_size=1024"]
 
 
-def hf_qwen2(cfg, window=None):
+def hf_qwen2(cfg, window=None, rope=None):
     kwargs = {}
     if window is not None:
         kwargs = {"use_sliding_window": True, "sliding_window": window + 1, "max_window_layers": 0,
@@ -24,7 +24,7 @@ def hf_qwen2(cfg, window=None):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base}, tie_word_embeddings=False,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": cfg.rope_base}, tie_word_embeddings=False,
         max_position_embeddings=4096, attention_dropout=0.0, **kwargs,
     )
     hf_cfg._attn_implementation = "eager"
@@ -59,6 +59,25 @@ def test_logits_and_loss_match_hf_qwen2(window):
         full.load_state_dict(model.state_dict())
         with torch.no_grad():
             assert (full(ids, return_logits=True).logits - out.logits).abs().max() > 1e-3
+
+
+def test_yarn_logits_match_hf_qwen2_rope_type_yarn():
+    """model.rope_yarn against HF's rope_type yarn (NTK-by-parts frequencies + attention temperature)
+    on a context 8x the original: same logits; and the scaling changes them (it is really applied)."""
+    yarn = ["model.rope_yarn.factor=8", "model.rope_yarn.original_max_position=8", "model.rope_base=100"]
+    model = tiny_model("qwen2_tiny", OVERRIDES + yarn + ["model.init_std=0.1"])
+    hf = hf_qwen2(model.config, rope={"rope_type": "yarn", "rope_theta": 100.0, "factor": 8.0,
+                                      "original_max_position_embeddings": 8})
+    copy_weights(model, hf)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+        out = model(ids, return_logits=True).logits
+        plain = tiny_model("qwen2_tiny", OVERRIDES + ["model.rope_base=100", "model.init_std=0.1"])
+        plain.load_state_dict(model.state_dict())
+        unscaled = plain(ids, return_logits=True).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (unscaled - out).abs().max() > 1e-3
 
 
 def test_loss_sum_is_mean_cross_entropy_times_count():

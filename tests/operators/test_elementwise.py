@@ -141,3 +141,32 @@ def test_rotary_is_a_rotation():
     y = ops.rotary(x, cos, sin)
     torch.testing.assert_close(_pair_norms(y), _pair_norms(x))
     torch.testing.assert_close(ops.rotary(y, cos, -sin), x)
+
+
+@pytest.mark.parametrize("factor, original, base, head_dim", [(4.0, 64, 1e4, 16), (8.0, 8192, 1e6, 128),
+                                                               (2.5, 4096, 5e5, 64)])
+def test_yarn_frequencies_and_cos_sin_match_hf(factor, original, base, head_dim):
+    import math
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from operators.elementwise import yarn_inv_freq
+
+    cfg = transformers.Qwen2Config(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=int(original * factor),
+                                   rope_parameters={"rope_type": "yarn", "factor": factor, "rope_theta": base,
+                                                    "original_max_position_embeddings": original})
+    hf = Qwen2RotaryEmbedding(cfg)
+    inv_freq, scale = yarn_inv_freq(head_dim, base, factor, original)
+    torch.testing.assert_close(inv_freq, hf.inv_freq, rtol=1e-6, atol=0)
+    assert scale == pytest.approx(hf.attention_scaling, rel=1e-12) and scale == pytest.approx(0.1 * math.log(factor) + 1)
+    pos = torch.arange(300).unsqueeze(0)
+    cos, sin = hf(torch.zeros(1, 300, head_dim), pos)
+    ours = rotary_cos_sin(pos, head_dim, base, inv_freq=inv_freq, scale=scale)
+    torch.testing.assert_close(ours[0], cos, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ours[1], sin, atol=2e-6, rtol=0)
+    # the fast dimensions keep their frequency, the slowest are divided by the factor
+    plain = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    assert inv_freq[0].item() == plain[0].item()
+    assert inv_freq[-1].item() == pytest.approx(plain[-1].item() / factor, rel=1e-6)

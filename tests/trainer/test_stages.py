@@ -163,3 +163,40 @@ def test_cp_degree_changes_between_stages_on_two_ranks(dataset, reference, tmp_p
         got, ref = losses(tmp_path / name), reference["losses"][name]
         assert sorted(got) == list(steps)
         np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=0, atol=2e-5, err_msg=name)
+
+
+def test_yarn_stages_resolve_factor_and_original_length():
+    from sbtrain.config.stages import RopeScalingConfig, StageConfig, validate_plan
+    from sbtrain.trainer.stages import rope_in_force
+
+    def stage(name, seq_len, **rope):
+        return StageConfig(name=name, seq_len=seq_len, max_steps=1, rope=RopeScalingConfig(**rope))
+
+    plan = validate_plan([stage("a", 8192), stage("b", 32768, kind="yarn"), stage("c", 131072, kind="yarn"),
+                          stage("d", 131072, kind="theta", theta=4e6)])
+    assert rope_in_force(plan, 0, 8192) == (None, None)
+    _, b = rope_in_force(plan, 1, 8192)
+    assert (b.factor, b.original_max_position, b.beta_fast, b.beta_slow) == (4.0, 8192, 32.0, 1.0)
+    _, c = rope_in_force(plan, 2, 8192)  # the original length stays the pre-YaRN one
+    assert (c.factor, c.original_max_position) == (16.0, 8192)
+    theta, d = rope_in_force(plan, 3, 8192)  # a later theta stage changes the base, YaRN stays in force
+    assert theta == 4e6 and d == c
+    explicit = validate_plan([stage("a", 4096, kind="yarn", factor=2.0, original_max_position=1024)])
+    assert rope_in_force(explicit, 0, 4096)[1].factor == 2.0
+    with pytest.raises(ConfigError, match="YaRN factor 0.5 .* is below 1"):
+        rope_in_force(validate_plan([stage("a", 8192), stage("b", 4096, kind="yarn")]), 1, 8192)
+    with pytest.raises(ConfigError, match="rope.factor / rope.original_max_position apply to rope.kind=yarn only"):
+        validate_plan([stage("a", 8192, kind="theta", theta=1e6, factor=2.0)])
+
+
+def test_a_yarn_stage_is_recorded_and_changes_the_training(dataset, tmp_path):
+    plan = "stage_plan=[{name:a,seq_len:32,max_steps:2},{name:b,seq_len:64,max_steps:2,rope:{kind:%s}}]"
+    # init_std 0.3: attention logits far from 0 at once, so the temperature and frequencies show in the loss
+    yarn = run(dataset, tmp_path / "yarn", plan % "yarn", "stages=all", "model.init_std=0.3")
+    plain = run(dataset, tmp_path / "plain", plan % "none", "stages=all", "model.init_std=0.3")
+    assert yarn["step"] == plain["step"] == 4
+    model = yaml.safe_load((tmp_path / "yarn" / "b" / "config.yaml").read_text())["model"]
+    assert model["rope_yarn"]["factor"] == 2.0 and model["rope_yarn"]["original_max_position"] == 32
+    assert losses(tmp_path / "yarn" / "a") == losses(tmp_path / "plain" / "a")
+    b_yarn, b_plain = losses(tmp_path / "yarn" / "b"), losses(tmp_path / "plain" / "b")
+    assert all(abs(b_yarn[s] - b_plain[s]) > 1e-4 for s in (3, 4)), (b_yarn, b_plain)
