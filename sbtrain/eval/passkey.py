@@ -243,6 +243,9 @@ def finetune(model, task: PasskeyTask, cfg: FinetuneConfig, digits: int, seed: i
     start = time.perf_counter()
     summary = trainer.fit()
     model.eval()
+    if summary["stopped_by"]:  # the Trainer stops gracefully on SIGTERM / SIGUSR1; this command must stop too
+        raise EvalError(f"the passkey fine-tune was stopped by {summary['stopped_by']} at step {trainer.step} of "
+                        f"{cfg.steps}: nothing is evaluated on a half-tuned model; rerun to measure")
     return {"steps": cfg.steps, "seq_len": longest, "min_seq_len": shortest, "lr": cfg.lr,
             "answer_loss_before": summary["first_valid_loss"], "answer_loss_after": summary["last_valid_loss"],
             "seconds": time.perf_counter() - start, "losses": losses.losses}

@@ -146,6 +146,23 @@ def test_finetune_lowers_the_answer_loss(task):
     assert after < before and len(report["losses"]) == 30 and not model.training
 
 
+def test_a_signal_during_the_finetune_stops_the_command(task, monkeypatch):
+    """SIGTERM makes the Trainer checkpoint and return; the passkey command must not then go on to
+    evaluate a half-tuned model as if the fine-tune had finished."""
+    import signal
+
+    from sbtrain.trainer.trainer import Trainer
+
+    def sigterm_seen(self):
+        self._stop_signal = signal.SIGTERM
+        return True
+
+    monkeypatch.setattr(Trainer, "_stop_requested", sigterm_seen)
+    cfg = FinetuneConfig(steps=30, seq_len="72", batch_size=2, micro_batch_size=1, eval_samples=2, log_every=0)
+    with pytest.raises(EvalError, match="stopped by SIGTERM at step 1 of 30: nothing is evaluated"):
+        finetune(make_model(seed=2), task, cfg, digits=3, seed=0)
+
+
 # -- the CLI -----------------------------------------------------------------------------------------
 def test_cli_writes_table_json_and_heatmap(weights_dir, tokenizer, task, tmp_path, capsys):
     from sbtrain.models.weights import save_weights
