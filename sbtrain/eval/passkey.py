@@ -54,6 +54,9 @@ class FinetuneConfig:
     seq_len: str = "2k"  # prompt length of the training samples (4096, "2k"; the issue asks 1k-4k)
     min_seq_len: str | None = None  # each step draws its length in [min_seq_len, seq_len]; None: always seq_len
     lr: float = 3e-4
+    # answer: loss on the key's digits only | all: on every next token as well (the repeated filler
+    # text then trains copying from earlier context, the skill retrieval needs; far more signal per step)
+    loss: str = "answer"
     warmup_steps: int = 10  # then cosine to 10% (sbtrain.trainer.optim)
     weight_decay: float = 0.0
     batch_size: int = 8  # samples per optimizer step
@@ -161,29 +164,33 @@ def task_from_tokenizer(tokenizer, bos_id: int, filler: str = "text") -> Passkey
     return task
 
 
-def training_batch(task: PasskeyTask, length: int, rows: int, digits: int, rng: random.Random) -> dict:
-    """``rows`` samples of ``length`` at random depths; labels only on the answer digits."""
+def training_batch(task: PasskeyTask, length: int, rows: int, digits: int, rng: random.Random,
+                   answer_only: bool = True) -> dict:
+    """``rows`` samples of ``length`` at random depths; labels on the answer digits only, or with
+    ``answer_only=False`` on every next token (prompt and answer)."""
     samples = [task.sample(length, rng.random(), digits, rng) for _ in range(rows)]
     sequence = torch.tensor([s.prompt + s.answer for s in samples])
     labels = sequence[:, 1:].clone()
-    labels[:, :length - 1] = -100  # the target of input position t is token t + 1: the answer starts at `length`
+    if answer_only:
+        labels[:, :length - 1] = -100  # the target of input position t is token t + 1: the answer starts at `length`
     return {"input_ids": sequence[:, :-1], "labels": labels}
 
 
 class PasskeyBatches:
     """The fine-tune's TrainData: fresh samples every step, a function of (seed, step) alone, so the
-    state is the step count; ``batches()`` is the fixed set the answer loss is measured on."""
+    state is the step count; ``batches()`` is the fixed set the answer loss is measured on (answer
+    labels only, whatever ``answer_only`` says for the training batches)."""
 
     def __init__(self, task: PasskeyTask, lengths: tuple[int, int], digits: int, global_batch: int, micro: int,
-                 eval_samples: int, seed: int):
-        self.task, self.lengths, self.digits, self.seed = task, lengths, digits, seed
+                 eval_samples: int, seed: int, answer_only: bool = True):
+        self.task, self.lengths, self.digits, self.seed, self.answer_only = task, lengths, digits, seed, answer_only
         self.global_batch, self.micro, self.eval_samples, self.step = global_batch, micro, eval_samples, 0
 
     def next_global_batch(self) -> list[dict]:
         rng = random.Random(f"passkey-train:{self.seed}:{self.step}")
         length = rng.randint(*self.lengths)  # one length per step: every micro batch is a rectangle
         self.step += 1
-        return [training_batch(self.task, length, self.micro, self.digits, rng)
+        return [training_batch(self.task, length, self.micro, self.digits, rng, self.answer_only)
                 for _ in range(self.global_batch // self.micro)]
 
     def state_dict(self) -> dict:
@@ -202,13 +209,13 @@ class PasskeyBatches:
 class LossLog(Callback):
     """Keeps the step losses (for the JSON) and prints one line every ``every`` steps."""
 
-    def __init__(self, every: int):
-        self.every, self.losses = every, []
+    def __init__(self, every: int, kind: str = "answer"):
+        self.every, self.kind, self.losses = every, kind, []
 
     def on_step_end(self, trainer, metrics):
         self.losses.append(metrics["loss"])
         if self.every and (trainer.step % self.every == 0 or trainer.step == trainer.total_steps):
-            print(f"  finetune step {trainer.step}/{trainer.total_steps} answer loss {metrics['loss']:.4f} "
+            print(f"  finetune step {trainer.step}/{trainer.total_steps} {self.kind} loss {metrics['loss']:.4f} "
                   f"({metrics['tokens_per_s']:.0f} tok/s)", flush=True)
 
 
@@ -228,16 +235,17 @@ def finetune(model, task: PasskeyTask, cfg: FinetuneConfig, digits: int, seed: i
         (cfg.micro_batch_size < 1 or cfg.batch_size % cfg.micro_batch_size,
          f"finetune.batch_size={cfg.batch_size} must be a multiple of finetune.micro_batch_size={cfg.micro_batch_size}"),
         (cfg.eval_samples < 1, f"finetune.eval_samples={cfg.eval_samples} must be >= 1"),
+        (cfg.loss not in ("answer", "all"), f"finetune.loss={cfg.loss!r} is unknown; use answer or all"),
     ]:
         if bad:
             raise EvalError(message)
     task.needle_start(shortest, 0.0, digits)  # a too-short training length fails here, naming the fix
     data = PasskeyBatches(task, (shortest, longest), digits, cfg.batch_size, cfg.micro_batch_size, cfg.eval_samples,
-                          seed)
+                          seed, answer_only=cfg.loss == "answer")
     tcfg = TrainerConfig(global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, seq_len=longest,
                          max_steps=cfg.steps, eval_every=cfg.steps, eval_batches=0, device=model_device(model).type)
     ocfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay)
-    losses = LossLog(cfg.log_every)
+    losses = LossLog(cfg.log_every, cfg.loss)
     trainer = Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg.validate(), optim_cfg=ocfg,
                       train_data=data, valid_data=data, callbacks=[losses])
     start = time.perf_counter()
@@ -246,7 +254,7 @@ def finetune(model, task: PasskeyTask, cfg: FinetuneConfig, digits: int, seed: i
     if summary["stopped_by"]:  # the Trainer stops gracefully on SIGTERM / SIGUSR1; this command must stop too
         raise EvalError(f"the passkey fine-tune was stopped by {summary['stopped_by']} at step {trainer.step} of "
                         f"{cfg.steps}: nothing is evaluated on a half-tuned model; rerun to measure")
-    return {"steps": cfg.steps, "seq_len": longest, "min_seq_len": shortest, "lr": cfg.lr,
+    return {"steps": cfg.steps, "seq_len": longest, "min_seq_len": shortest, "lr": cfg.lr, "loss": cfg.loss,
             "answer_loss_before": summary["first_valid_loss"], "answer_loss_after": summary["last_valid_loss"],
             "seconds": time.perf_counter() - start, "losses": losses.losses}
 

@@ -66,6 +66,30 @@ def test_training_batch_scores_only_the_answer(task):
         assert batch["input_ids"][row, 80:].tolist() == answer[:-1]  # decoding feeds the answer back
 
 
+def test_training_batch_with_every_label_is_the_shifted_sequence(task):
+    answer = training_batch(task, 80, 3, 4, random.Random(0))
+    every = training_batch(task, 80, 3, 4, random.Random(0), answer_only=False)
+    assert torch.equal(every["input_ids"], answer["input_ids"])  # the same samples
+    assert torch.equal(every["labels"][:, :-1], every["input_ids"][:, 1:]) and (every["labels"] != -100).all()
+    assert torch.equal(every["labels"][:, 79:], answer["labels"][:, 79:])
+    data = PasskeyBatches(task, (72, 72), 3, 2, 1, 2, seed=0, answer_only=False)
+    assert all((b["labels"] != -100).all() for b in data.next_global_batch())  # what the fine-tune trains on
+    assert all((b["labels"] != -100).sum() == 3 for b in data.batches())  # the probe: the 3 answer digits only
+
+
+def test_finetune_on_every_token_still_reports_the_answer_loss(task):
+    cfg = FinetuneConfig(steps=3, seq_len="72", lr=3e-3, warmup_steps=1, batch_size=2, micro_batch_size=1,
+                         eval_samples=4, log_every=0, loss="all")
+    model = make_model(seed=2)
+    probe = PasskeyBatches(task, (72, 72), 3, 2, 1, 4, seed=0)  # answer labels only
+    before = answer_loss(model, probe)
+    report = finetune(model, task, cfg, digits=3, seed=0)
+    assert report["loss"] == "all" and report["answer_loss_before"] == pytest.approx(before, rel=1e-5)
+    assert report["answer_loss_after"] == pytest.approx(answer_loss(model, probe), rel=1e-5)
+    with pytest.raises(EvalError, match="finetune.loss='most' is unknown"):
+        finetune(model, task, FinetuneConfig(steps=1, seq_len="72", loss="most"), digits=3)
+
+
 # -- accuracy against a hand count -------------------------------------------------------------------
 ID_TASK = PasskeyTask(digit_ids=list(range(10)), needle_prefix=[11, 12], needle_suffix=[13], query=[14, 15],
                       bos_id=10, filler_pool=list(range(16, 32)))  # the pure token-id construction: no tokenizer
