@@ -52,6 +52,12 @@ def is_quadratic(cfg) -> bool:
     return any(kind in ("full", "hybrid_full") for kind in cfg.layer_types())
 
 
+def skips_run(cfg, seq_len: int, repeat: int, quadratic_max: int, single_above: int) -> bool:
+    """ttft's rule for full-attention models: nothing above ``quadratic_max`` (extrapolated there),
+    one run only above ``single_above``."""
+    return is_quadratic(cfg) and (seq_len > quadratic_max or (seq_len > single_above and repeat > 0))
+
+
 def prefill_flops(cfg, seq_len: int) -> float:
     """Forward FLOPs of a prefill over ``seq_len`` tokens, LM head on the last position only.
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.context_parallel import ContextParallel
-from sbtrain.bench.common import is_quadratic
+from sbtrain.bench.common import skips_run
 from sbtrain.bench.config import format_length
 from sbtrain.models import build_model
 
@@ -66,7 +66,7 @@ def rank_main(spec: dict) -> dict:
         cp = ContextParallel(group, T, linear_method=spec["cp_linear"])
         for r in range(spec["repeats"]):
             for name, model in models.items():
-                if is_quadratic(model.config) and (T > spec["quadratic_max"] or (T > spec["single_above"] and r > 0)):
+                if skips_run(model.config, T, r, spec["quadratic_max"], spec["single_above"]):
                     continue
                 dist.barrier(group)
                 start = time.perf_counter()
@@ -78,14 +78,18 @@ def rank_main(spec: dict) -> dict:
     return {"runs": runs, "logits": logits, "rank": dist.get_rank(group)}
 
 
+def threads_per_rank(cfg) -> int:
+    """``threads // cp`` (at least one): cp=N ranks share the cores the in-process prefill uses."""
+    return max(1, (cfg.threads or torch.get_num_threads()) // cfg.cp)
+
+
 def run_cp(models: dict, Ts: list[int], cfg, qmax: int, single_above: int, warmup_tokens: int) -> tuple[dict, dict]:
     """Time cp=``cfg.cp`` prefills in ``cfg.cp`` fresh gloo processes; returns
     ``(points per model, first-token logits per model and length)`` in the in-process layout."""
     from parallel.testing import run_distributed
 
-    total = cfg.threads or torch.get_num_threads()
     spec = {"models": {name: m.config for name, m in models.items()}, "lengths": Ts, "repeats": cfg.repeats,
-            "seed": cfg.seed, "threads": max(1, total // cfg.cp), "cp_linear": cfg.cp_linear,
+            "seed": cfg.seed, "threads": threads_per_rank(cfg), "cp_linear": cfg.cp_linear,
             "quadratic_max": qmax, "single_above": single_above, "warmup_tokens": warmup_tokens}
     ranks = run_distributed(rank_main, cfg.cp, spec, reuse=False, timeout=cfg.timeout_s)
     last = next(r for r in ranks if r["rank"] == cfg.cp - 1)

@@ -32,9 +32,10 @@ from sbtrain.bench.common import (
     prefill_flops,
     pyplot,
     report,
+    skips_run,
 )
 from sbtrain.bench.config import format_length, lengths, parse_length, quadratic_max
-from sbtrain.bench.cp_prefill import compare_cp, prompt_ids, run_cp
+from sbtrain.bench.cp_prefill import compare_cp, prompt_ids, run_cp, threads_per_rank
 from sbtrain.models import build_model, prefill
 
 EXPONENT_MAX = 1.15  # linear-time models, fitted between fit_from and the longest length
@@ -118,8 +119,7 @@ def time_prefills(models: dict, Ts: list[int], cfg, qmax: int, single_above: int
         runs = {name: [] for name in models}
         for r in range(cfg.repeats):
             for name, model in models.items():
-                quadratic = is_quadratic(model.config)
-                if quadratic and (T > qmax or (T > single_above and r > 0)):
+                if skips_run(model.config, T, r, qmax, single_above):
                     continue
                 start = time.perf_counter()
                 logits[name][T] = prefill(model, ids)[0]
@@ -158,7 +158,7 @@ def run(cfg) -> dict:
         print(f"context-parallel prefill: {cfg.cp} gloo processes, cp_linear={cfg.cp_linear}", flush=True)
         cp_points, cp_logits = run_cp(models, Ts, cfg, qmax, single_above, WARMUP_TOKENS)
         cp = {"degree": cfg.cp, "linear_method": cfg.cp_linear, "points": cp_points,
-              "threads_per_rank": max(1, (cfg.threads or torch.get_num_threads()) // cfg.cp),
+              "threads_per_rank": threads_per_rank(cfg),
               "comparisons": compare_cp(points, cp_points, logits, cp_logits, cfg.cp)}
     results = {}
     for name, model in models.items():
