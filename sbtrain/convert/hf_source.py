@@ -3,7 +3,7 @@ loading its weights: config.json, the safetensors headers (names, shapes, dtypes
 per-tensor reads through memory-mapped files.
 
 Everything that can make a conversion fail is checked here, before a byte is written:
-unsupported architecture or variant (RoPE scaling, activation, MLP/o_proj biases), missing
+unsupported architecture or variant (RoPE scaling other than YaRN, activation, MLP/o_proj biases), missing
 shards, head counts, dtypes.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -83,17 +84,47 @@ def read_source(path: str | Path) -> HFSource:
     return source
 
 
-def rope_theta(config: dict) -> float:
-    """RoPE base; plain RoPE only (scaled variants would change the model's positions)."""
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """RoPE base and, for a YaRN source, the ``model.rope_yarn`` fields (None: plain RoPE). Other
+    scalings (linear, dynamic, llama3, longrope) are refused: they would change the positions."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling")
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else params.get("rope_type")
-    if kind not in (None, "default"):
-        raise ConversionError(f"from_hf uses RoPE scaling {kind!r}; only plain RoPE is supported (rope_type default)")
+    if scaling:  # the pre-v5 layout: rope_scaling={type|rope_type, factor, ...} beside a top-level rope_theta
+        params = {**params, **scaling}
+    kind = params.get("rope_type", params.get("type"))
+    if kind not in (None, "default", "yarn"):
+        raise ConversionError(f"from_hf uses RoPE scaling {kind!r}; the converter takes plain RoPE (rope_type "
+                              f"default) or yarn")
     theta = config.get("rope_theta", params.get("rope_theta"))
     if theta is None:
         raise ConversionError("from_hf config.json gives no rope_theta (nor rope_parameters.rope_theta)")
-    return float(theta)
+    if kind != "yarn":
+        return float(theta), None
+    return float(theta), yarn_fields(config, params)
+
+
+def yarn_fields(config: dict, params: dict) -> dict:
+    """HF's yarn parameters as ``model.rope_yarn`` (transformers' _compute_yarn_parameters: the
+    original length from a top-level original_max_position_embeddings, else the scaling's, else
+    max_position_embeddings; factor from max / original when null; beta defaults 32 / 1)."""
+    for key, default in (("partial_rotary_factor", 1.0), ("truncate", True)):
+        if params.get(key, config.get(key, default)) != default:
+            raise ConversionError(f"from_hf yarn has {key}={params.get(key, config.get(key))}; sbtrain's YaRN "
+                                  f"implements {key}={default} only")
+    original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+        or config.get("max_position_embeddings")
+    if not original:
+        raise ConversionError("from_hf yarn gives no original_max_position_embeddings (nor max_position_embeddings)")
+    factor = params.get("factor") or config.get("max_position_embeddings", 0) / original
+    if factor < 1:
+        raise ConversionError(f"from_hf yarn factor={factor} is below 1: YaRN extends the context (factor >= 1)")
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim and factor > 1:  # DeepSeek's form, resolved here
+        attention_factor = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
+    return {"factor": float(factor), "original_max_position": int(original),
+            "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+            "attention_factor": None if attention_factor is None else float(attention_factor)}
 
 
 def source_window(config: dict) -> int | None:
@@ -132,7 +163,9 @@ def source_shapes(source: HFSource) -> dict:
         )
     if head_dim % 2:
         raise ConversionError(f"from_hf head_dim={head_dim} is odd; rotary embeddings need an even head dim")
+    theta, yarn = rope_settings(c)
     return {
+        **({"rope_yarn": yarn} if yarn else {}),
         "vocab_size": int(c["vocab_size"]),
         "hidden_size": hidden,
         "num_layers": int(c["num_hidden_layers"]),
@@ -141,7 +174,7 @@ def source_shapes(source: HFSource) -> dict:
         "head_dim": int(head_dim),
         "intermediate_size": int(c["intermediate_size"]),
         "rms_norm_eps": float(c.get("rms_norm_eps", 1e-6)),
-        "rope_base": rope_theta(c),
+        "rope_base": theta,
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in source.files,
     }

@@ -12,11 +12,14 @@ SHAPES = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hid
           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
 
 
-def hf_model(model_type: str, num_layers: int = 2, sliding_window: int | None = None, tie: bool = False):
+def hf_model(model_type: str, num_layers: int = 2, sliding_window: int | None = None, tie: bool = False,
+             rope: dict | None = None):
+    """``rope``: extra rope_parameters (e.g. rope_type yarn and its fields) on top of theta 10000."""
     import transformers
 
     kwargs = dict(SHAPES, num_hidden_layers=num_layers, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-                  max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                  max_position_embeddings=256,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(rope or {})})
     if model_type == "qwen2":
         cfg = transformers.Qwen2Config(**kwargs)
     elif model_type == "llama":

@@ -43,7 +43,17 @@ def test_unsupported_architecture(tmp_path, qwen):
 def test_rope_scaling_is_unsupported(tmp_path, qwen):
     src = save_hf(qwen, tmp_path / "hf")
     edit_config(src, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}, rope_scaling=None)
-    assert_fails_cleanly(tmp_path, src, "RoPE scaling 'llama3'")
+    assert_fails_cleanly(tmp_path, src, "RoPE scaling 'llama3'; the converter takes plain RoPE .* or yarn")
+
+
+@pytest.mark.parametrize("fields, match", [({"truncate": False}, "truncate=False; sbtrain's YaRN implements "
+                                                                 "truncate=True only"),
+                                           ({"factor": 0.5}, r"yarn factor=0.5 is below 1")])
+def test_yarn_variants_outside_ours_are_refused(tmp_path, qwen, fields, match):
+    src = save_hf(qwen, tmp_path / "hf")
+    edit_config(src, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                      "original_max_position_embeddings": 64, **fields})
+    assert_fails_cleanly(tmp_path, src, match)
 
 
 def test_missing_shard(tmp_path, qwen):

@@ -61,6 +61,34 @@ def test_mistral_window_is_hf_minus_one(tmp_path):
     assert logits_diff(wrong, hf, ids) > 1e-3
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("model_type, layout", [("qwen2", "rope_parameters"), ("llama", "rope_scaling")])
+def test_yarn_source_converts_with_its_scaling(tmp_path, model_type, layout):
+    """A YaRN source (Qwen2.5's documented 128k setting) becomes model.rope_yarn; logits match HF's
+    for both config layouts (v5 rope_parameters, and the older rope_scaling + top-level rope_theta)
+    at positions past the original length, and differ without the scaling."""
+    hf = hf_model(model_type, rope=YARN)
+    src = save_hf(hf, tmp_path / "hf")
+    if layout == "rope_scaling":
+        config = json.loads((src / "config.json").read_text())
+        config.pop("rope_parameters")
+        config.update(rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                        "original_max_position_embeddings": 64})
+        (src / "config.json").write_text(json.dumps(config))
+    out = convert_hf(ConvertConfig(from_hf=str(src), target="sb7b", out=str(tmp_path / "out"),
+                                   layer_pattern=["swa"], window=128))
+    ours = load_converted(out)
+    yarn = ours.config.rope_yarn
+    assert (yarn.factor, yarn.original_max_position, yarn.beta_fast, yarn.beta_slow) == (4.0, 64, 32.0, 1.0)
+    ids = torch.randint(0, 96, (1, 100))
+    assert logits_diff(ours, hf, ids) < 1e-4
+    plain = load_converted(convert_hf(ConvertConfig(from_hf=str(save_hf(hf_model(model_type), tmp_path / "p")),
+                                                    out=str(tmp_path / "po"), layer_pattern=["swa"], window=128)))
+    assert logits_diff(plain, hf, ids) > 1e-2
+
+
 def test_sb7b_default_pattern_gates_are_new_and_small(tmp_path):
     src = save_hf(hf_model("qwen2"), tmp_path / "hf")
     out = convert_hf(ConvertConfig(from_hf=str(src), target="sb7b", out=str(tmp_path / "out")))
