@@ -340,8 +340,9 @@ def plot_heatmaps(results: list[dict], path: Path) -> Path:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (0 = start)")
         tuned = result.get("finetune")
-        ax.set_title(result["label"] + (f" (fine-tuned {tuned['steps']} steps @ {format_length(tuned['seq_len'])})"
-                                        if tuned else " (no fine-tune)"), fontsize=9)
+        title = result.get("title") or result["label"] + (  # "title": a caller's own (e.g. a chained fine-tune)
+            f" (fine-tuned {tuned['steps']} steps @ {format_length(tuned['seq_len'])})" if tuned else " (no fine-tune)")
+        ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy (all digits)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
