@@ -87,9 +87,15 @@ def validate_stage(stage: StageConfig, index: int) -> StageConfig:
         raise ConfigError(f"{where}: rope.kind={rope.kind!r} is unknown; use one of {ROPE_KINDS}")
     if rope.kind == "theta" and not (rope.theta and rope.theta > 0):
         raise ConfigError(f"{where}: rope.kind=theta needs a positive rope.theta (the new RoPE base)")
-    if rope.kind != "yarn" and (rope.factor is not None or rope.original_max_position is not None):
-        raise ConfigError(f"{where}: rope.factor / rope.original_max_position apply to rope.kind=yarn only "
-                          f"(kind is {rope.kind!r})")
+    yarn_only = {"factor": rope.factor is not None, "original_max_position": rope.original_max_position is not None,
+                 "beta_fast": rope.beta_fast != 32.0, "beta_slow": rope.beta_slow != 1.0,
+                 "attention_factor": rope.attention_factor is not None}
+    set_here = [f"rope.{k}" for k, v in yarn_only.items() if v]
+    if rope.kind != "yarn" and set_here:  # a setting that would silently do nothing
+        raise ConfigError(f"{where}: {', '.join(set_here)} apply to rope.kind=yarn only (kind is {rope.kind!r}): "
+                          f"set rope.kind=yarn or drop them")
+    if rope.kind != "theta" and rope.theta is not None:
+        raise ConfigError(f"{where}: rope.theta={rope.theta} applies to rope.kind=theta only (kind is {rope.kind!r})")
     if rope.kind == "yarn" and rope.factor is not None and rope.factor < 1:
         raise ConfigError(f"{where}: rope.factor={rope.factor} must be >= 1 (YaRN stretches the context)")
     if rope.kind == "yarn" and rope.original_max_position is not None and rope.original_max_position < 1:

@@ -185,8 +185,12 @@ def test_yarn_stages_resolve_factor_and_original_length():
     assert rope_in_force(explicit, 0, 4096)[1].factor == 2.0
     with pytest.raises(ConfigError, match="YaRN factor 0.5 .* is below 1"):
         rope_in_force(validate_plan([stage("a", 8192), stage("b", 4096, kind="yarn")]), 1, 8192)
-    with pytest.raises(ConfigError, match="rope.factor / rope.original_max_position apply to rope.kind=yarn only"):
+    with pytest.raises(ConfigError, match=r"rope.factor apply to rope.kind=yarn only \(kind is 'theta'\)"):
         validate_plan([stage("a", 8192, kind="theta", theta=1e6, factor=2.0)])
+    with pytest.raises(ConfigError, match="rope.beta_fast, rope.attention_factor apply to rope.kind=yarn only"):
+        validate_plan([stage("a", 8192, beta_fast=16.0, attention_factor=1.2)])
+    with pytest.raises(ConfigError, match="rope.theta=1000000.0 applies to rope.kind=theta only .kind is 'yarn'"):
+        validate_plan([stage("a", 8192, kind="yarn", theta=1e6)])
 
 
 def test_a_yarn_stage_is_recorded_and_changes_the_training(dataset, tmp_path):
