@@ -88,7 +88,8 @@ def validate_stage(stage: StageConfig, index: int) -> StageConfig:
     if rope.kind == "theta" and not (rope.theta and rope.theta > 0):
         raise ConfigError(f"{where}: rope.kind=theta needs a positive rope.theta (the new RoPE base)")
     yarn_only = {"factor": rope.factor is not None, "original_max_position": rope.original_max_position is not None,
-                 "beta_fast": rope.beta_fast != 32.0, "beta_slow": rope.beta_slow != 1.0,
+                 "beta_fast": rope.beta_fast != RopeScalingConfig.beta_fast,
+                 "beta_slow": rope.beta_slow != RopeScalingConfig.beta_slow,
                  "attention_factor": rope.attention_factor is not None}
     set_here = [f"rope.{k}" for k, v in yarn_only.items() if v]
     if rope.kind != "yarn" and set_here:  # a setting that would silently do nothing

@@ -20,7 +20,7 @@ from typing import Self
 import torch
 from safetensors import safe_open
 
-from sbtrain.config.model import ConfigError
+from sbtrain.config.model import ConfigError, YarnConfig
 from sbtrain.models.weights import WeightsError, weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
@@ -123,7 +123,8 @@ def yarn_fields(config: dict, params: dict) -> dict:
     if attention_factor is None and mscale and mscale_all_dim and factor > 1:  # DeepSeek's form, resolved here
         attention_factor = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
     return {"factor": float(factor), "original_max_position": int(original),
-            "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+            "beta_fast": float(params.get("beta_fast") or YarnConfig.beta_fast),
+            "beta_slow": float(params.get("beta_slow") or YarnConfig.beta_slow),
             "attention_factor": None if attention_factor is None else float(attention_factor)}
 
 

@@ -46,9 +46,11 @@ def test_rope_scaling_is_unsupported(tmp_path, qwen):
     assert_fails_cleanly(tmp_path, src, "RoPE scaling 'llama3'; the converter takes plain RoPE .* or yarn")
 
 
-@pytest.mark.parametrize("fields, match", [({"truncate": False}, "truncate=False; sbtrain's YaRN implements "
-                                                                 "truncate=True only"),
-                                           ({"factor": 0.5}, r"yarn factor=0.5 is below 1")])
+@pytest.mark.parametrize("fields, match", [
+    ({"truncate": False}, "truncate=False; sbtrain's YaRN implements truncate=True only"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5; sbtrain's YaRN implements partial_rotary_factor=1.0"),
+    ({"factor": 0.5}, r"yarn factor=0.5 is below 1"),
+])
 def test_yarn_variants_outside_ours_are_refused(tmp_path, qwen, fields, match):
     src = save_hf(qwen, tmp_path / "hf")
     edit_config(src, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,

@@ -64,12 +64,13 @@ def test_mistral_window_is_hf_minus_one(tmp_path):
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("model_type, layout", [("qwen2", "rope_parameters"), ("llama", "rope_scaling")])
-def test_yarn_source_converts_with_its_scaling(tmp_path, model_type, layout):
+@pytest.mark.parametrize("model_type, layout, extra", [("qwen2", "rope_parameters", {}), ("llama", "rope_scaling", {}),
+                                                       ("llama", "rope_parameters", {"mscale": 1.0, "mscale_all_dim": 0.5})])
+def test_yarn_source_converts_with_its_scaling(tmp_path, model_type, layout, extra):
     """A YaRN source (Qwen2.5's documented 128k setting) becomes model.rope_yarn; logits match HF's
     for both config layouts (v5 rope_parameters, and the older rope_scaling + top-level rope_theta)
     at positions past the original length, and differ without the scaling."""
-    hf = hf_model(model_type, rope=YARN)
+    hf = hf_model(model_type, rope={**YARN, **extra})  # extra: DeepSeek's mscale form of the attention factor
     src = save_hf(hf, tmp_path / "hf")
     if layout == "rope_scaling":
         config = json.loads((src / "config.json").read_text())
