@@ -5,10 +5,15 @@ token for the 7B). This backend never holds more than ``chunk_size`` tokens of f
 with a sharded head (or without gradients) the forward keeps only the per-token log-sum-exp and
 the backward recomputes each chunk's logits to form ``softmax - onehot``; with an unsharded head
 in training the forward forms ``softmax - onehot`` per chunk at once and keeps the [N, d] and
-[V, d] gradient products instead (no recompute: three matmuls per chunk, like full logits). Extra memory is O(chunk_size * V)
-plus O((N + V) * d) in fp32: the gradient accumulators and, for a bf16 head, an fp32 copy of it
-(the matmuls run in fp32, like the reference; a bf16-input / fp32-output GEMM would be faster on
-GPUs). One host sync per call (the label check); none per chunk.
+[V, d] gradient products instead (no recompute: three matmuls per chunk, like full logits).
+Extra memory is O(chunk_size * V) plus O((N + V) * d) in fp32: the gradient accumulators and a
+copy of the head in the matmul input dtype. One host sync per call (the label check).
+
+Precision: under bf16 / fp16 autocast (or with bf16 hidden and head) the matmuls read bf16 / fp16
+operands and accumulate in fp32 (``torch.mm(..., out_dtype=float32)`` on CUDA: tensor-core speed,
+fp32 logits); the log-sum-exp, softmax and every gradient accumulator are fp32. Without autocast
+everything is fp32, like the reference. The weight gradient's GEMM widens its rounded operands to
+fp32 to accumulate in place (no [V, d] temporary): fp32 / TF32 speed for that one product.
 
 Vocabulary-sharded head (``group`` given): every rank of ``group`` holds the same ``hidden``
 and ``labels`` and rows ``[vocab_start, vocab_start + V_local)`` of the head. Contract:
@@ -79,13 +84,14 @@ def _bad_label_error(labels, bad, owners, ignore_index, vocab_start, v_local, gr
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, group, vocab_start):
+        ctx.mm_dtype = matmul_input_dtype(hidden, weight)  # read before autocast is switched off
         with _fp32_logits_region(hidden.device):
             return _ChunkedLinearCE._forward(ctx, hidden, weight, labels, ignore_index, chunk_size, group, vocab_start)
 
     @staticmethod
     def _forward(ctx, hidden, weight, labels, ignore_index, chunk_size, group, vocab_start):
         n, v_local = hidden.shape[0], weight.shape[0]
-        w32 = weight.float()  # O(V*d): the head itself, not the logits
+        w32 = _operand(weight, ctx.mm_dtype)  # O(V*d): the head itself, not the logits
         valid = labels != ignore_index
         local = labels - vocab_start
         owned = valid & (local >= 0) & (local < v_local)
@@ -103,19 +109,20 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(w32) if eager and need_w else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            h32 = hidden[s:e].float()
-            logits = h32 @ w32.t()  # [c, V_local] fp32, the only big temporary
+            h32 = _operand(hidden[s:e], ctx.mm_dtype)
+            logits = _mm(h32, w32.t())  # [c, V_local] fp32, the only big temporary
             lse[s:e] = torch.logsumexp(logits, dim=-1)
             target[s:e] = logits.gather(1, local_idx[s:e, None]).squeeze(1)
             if eager:
                 p = logits.sub_(lse[s:e, None]).exp_()
                 p.scatter_add_(1, local_idx[s:e, None], owned[s:e, None].float().neg())
                 row = valid[s:e, None].float()
+                p = _operand(p, ctx.mm_dtype)
                 if need_h:
-                    torch.mm(p, w32, out=grad_h[s:e])
+                    grad_h[s:e] = _mm(p, w32)
                     grad_h[s:e].mul_(row)
                 if need_w:
-                    grad_w.addmm_(p.t(), h32 * row)
+                    grad_w.addmm_(_widen(p).t(), _widen(h32) * row)
                 del p
             del logits
         target.masked_fill_(~owned, 0.0)
@@ -160,26 +167,27 @@ class _ChunkedLinearCE(torch.autograd.Function):
         hidden, weight, lse, valid, owned, local_idx = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, chunk_size = hidden.shape[0], ctx.chunk_size
-        w32 = weight.float()
+        w32 = _operand(weight, ctx.mm_dtype)
         grad_h = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros_like(w32) if need_w else None
+        grad_w = torch.zeros(w32.shape, dtype=torch.float32, device=w32.device) if need_w else None
         # d loss_i / d logit_ij = (softmax_ij - [j == label_i]) * scale_i, scale_i = grad_loss for
         # valid tokens and 0 for ignored ones. The row scale is applied to the [c, d] factors, not
         # to the [c, V] matrix: one pass less over the biggest temporary.
         scale = (grad_loss.float() * valid.float()).unsqueeze(1)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            h32 = hidden[s:e].float()
-            p = h32 @ w32.t()
+            h32 = _operand(hidden[s:e], ctx.mm_dtype)
+            p = _mm(h32, w32.t())
             p.sub_(lse[s:e, None]).exp_()  # local slice of the global softmax, in place
             # Subtract the one-hot; a scatter of 0 at column 0 for non-owned rows avoids the host
             # sync that selecting the owned rows (nonzero) would cost on a GPU.
             p.scatter_add_(1, local_idx[s:e, None], owned[s:e, None].float().neg())
+            p = _operand(p, ctx.mm_dtype)
             if need_h:
-                torch.mm(p, w32, out=grad_h[s:e])
+                grad_h[s:e] = _mm(p, w32)
                 grad_h[s:e].mul_(scale[s:e])
             if need_w:
-                grad_w.addmm_(p.t(), h32 * scale[s:e])
+                grad_w.addmm_(_widen(p).t(), _widen(h32) * scale[s:e])
             del p
         if need_h:
             # Each rank holds only its vocabulary slice's share of d loss / d hidden.
@@ -188,6 +196,58 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None
+
+
+def matmul_input_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls read: autocast's (bf16 / fp16) when it is on, else bf16 / fp16
+    when both operands already are (FSDP's param_dtype=bf16), else fp32. Accumulation, the
+    log-sum-exp and the softmax are fp32 whatever this says."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in LOW_PRECISION:
+            return dtype
+    if hidden.dtype == weight.dtype and hidden.dtype in LOW_PRECISION:
+        return hidden.dtype
+    return torch.float32
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=fp32) runs there
+
+
+def _fp32_output_mm(device: torch.device) -> bool:
+    """CUDA builds have mm(bf16, bf16, out_dtype=fp32): fp32 accumulation AND fp32 logits from the
+    tensor cores. The CPU has no such kernel (nor do older torch builds): there the operands are
+    widened to fp32 after rounding, which gives the same numbers at fp32-GEMM speed."""
+    if device.type not in _OUT_DTYPE_MM:
+        try:
+            a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
+            _OUT_DTYPE_MM[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[device.type] = False
+    return _OUT_DTYPE_MM[device.type]
+
+
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to the matmul input dtype; widened to fp32 where no fp32-output kernel exists."""
+    if dtype == torch.float32:
+        return x.float()
+    x = x.to(dtype)
+    return x if _fp32_output_mm(x.device) else x.float()
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    # The [V, d] weight gradient accumulates in place in fp32 (addmm_ into an fp32 buffer), so its
+    # operands are widened after rounding: bf16 inputs, fp32 accumulation, no [V, d] temporary.
+    return x.float()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 result of a @ b for operands made by :func:`_operand`."""
+    if a.dtype == torch.float32:
+        return a @ b
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _fp32_logits_region(device: torch.device):

@@ -109,3 +109,12 @@ def communication_backend(platform: str | None = None, device_type: str | None =
     if platform not in PLATFORMS:
         raise ValueError(f"platform {platform!r} is unknown; use one of {', '.join(PLATFORMS)}")
     return "gloo" if platform == "cpu" or device_type == "cpu" else "nccl"
+
+
+def process_group_backend(platform: str | None = None, device_type: str | None = None) -> str:
+    """The backend string a job's process group starts with. On an accelerator both halves:
+    ``cpu:gloo,cuda:nccl`` routes each collective by its tensors' device, so the odd host-side
+    reduction (a checkpoint planner's, a statistic left on the CPU) works instead of failing in
+    NCCL at run time; the training loop itself keeps its tensors on the device (NCCL's path)."""
+    backend = communication_backend(platform, device_type)
+    return "gloo" if backend == "gloo" else f"cpu:gloo,cuda:{backend}"

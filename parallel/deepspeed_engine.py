@@ -114,7 +114,7 @@ def setup_deepspeed(platform: str | None = None):
 
 
 def deepspeed_config(zero_stage: int, clip_grad: float | None, offload_optimizer: bool = False,
-                     precision: str = "fp32") -> dict:
+                     precision: str = "fp32", reduce_dtype: str = "fp32") -> dict:
     """The DeepSpeed config: ZeRO as a gradient engine; the trainer owns accumulation and the lr."""
     zero: dict = {"stage": zero_stage}
     if offload_optimizer:
@@ -127,6 +127,9 @@ def deepspeed_config(zero_stage: int, clip_grad: float | None, offload_optimizer
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
+        # Gradients reduce in fp32 unless asked otherwise (parallel.reduce_dtype), even when ZeRO
+        # keeps bf16 gradients: its default would sum them in bf16.
+        "communication_data_type": reduce_dtype,
         "zero_allow_untested_optimizer": True,  # the client optimizer is torch's (AdamW, SGD in tests)
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -154,7 +157,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer],
                  *, zero_stage: int, offload_optimizer: bool = False, clip_grad: float | None = None,
-                 precision: str = "fp32", dp_group=None, platform: str | None = None):
+                 precision: str = "fp32", dp_group=None, platform: str | None = None, reduce_dtype: str = "fp32"):
         validate_deepspeed(zero_stage, offload_optimizer=offload_optimizer, precision=precision)
         deepspeed = setup_deepspeed(platform)
         if dp_group is not None and dist.get_world_size(dp_group) != dist.get_world_size():
@@ -171,7 +174,7 @@ class DeepSpeedEngine:
         if offload_optimizer and isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
             optim = _cpu_adam_like(optim)
         self.zero_stage = zero_stage
-        self.config = deepspeed_config(zero_stage, clip_grad, offload_optimizer, precision)
+        self.config = deepspeed_config(zero_stage, clip_grad, offload_optimizer, precision, reduce_dtype)
         if offload_optimizer and not isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
             self.config["zero_force_ds_cpu_optimizer"] = False  # a torch optimizer steps on CPU tensors too
         self._client_params = [list(g["params"]) for g in optim.param_groups]

@@ -87,6 +87,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA / MACA use TF32 tensor cores (``trainer.tf32``, on by
+    default, as Megatron and TorchTitan do): what stays fp32 under bf16 autocast (the GLA
+    state recurrence's fp32 parts, the weight gradient of the head) is not run at 1/15 speed."""
+    if device.type != "cuda":
+        return  # CPU fp32 matmuls stay exact
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     """Every piece of a run from its config; returns the trainer and the run's paths."""
     tcfg = OmegaConf.to_object(cfg.trainer)
@@ -109,6 +120,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         model_cfg.spike = recipe_cfg.spike  # spike-aware continual pretraining of saved weights
     data_cfg = OmegaConf.to_object(cfg.data).validate()
     device = pick_device(tcfg.device)
+    configure_matmul_precision(device, tcfg.tf32)
     world = init_process_group(device, pcfg.collective_timeout_s)
     dims = validate_parallel(pcfg, world, model_cfg, tcfg)  # every layout error before anything is built
     mesh = make_mesh(dims, device)
@@ -140,11 +152,12 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
         ds = pcfg.deepspeed
         engine = DeepSpeedEngine(model, optimizer, zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
                                  clip_grad=ocfg.clip_grad or None, precision=tcfg.precision,
-                                 platform=None if ds.accelerator == "auto" else ds.accelerator)
+                                 platform=None if ds.accelerator == "auto" else ds.accelerator,
+                                 reduce_dtype=pcfg.reduce_dtype)
         model, optimizer = engine.module, engine.optimizer
     active_body = counts["params_active"] - counts["params_embedding"] - counts["params_lm_head"]
     fpt = flops_per_token(model_cfg, tcfg.seq_len, active_body, counts["params_lm_head"] or counts["params_embedding"])
-    peak, peak_source = peak_flops(device, tcfg.precision, tcfg.peak_flops)
+    peak, peak_source, peak_kind = peak_flops(device, tcfg.precision, tcfg.peak_flops)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank0:
@@ -171,9 +184,9 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     trainer = Trainer(
         model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
         valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
-        checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, meta=meta,
+        checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, peak_kind=peak_kind, meta=meta,
         mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine, teacher=teacher, distill_cfg=dcfg,
-        expert_grad_divisor=layout["expert_grad_divisor"],
+        expert_grad_divisor=layout["expert_grad_divisor"], grad_sync=pcfg.grad_sync,
     )
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
              json.dumps(counts), fpt, peak, peak_source, device)

@@ -19,6 +19,7 @@ from sbtrain.config.model import ConfigError, ModelConfig
 ENGINES = ("fsdp", "deepspeed")
 ACCELERATORS = ("auto", "cpu", "cuda", "maca")
 CP_LINEAR = ("allgather", "scan")
+GRAD_SYNC = ("per_step", "per_micro_batch")
 PARAM_DTYPES = ("fp32", "bf16")
 
 
@@ -39,8 +40,12 @@ class ParallelConfig:
     cp_linear: str = "allgather"  # linear-attention CP: allgather (LASP-2) | scan (pipelined P2P, large cp)
     engine: str = "fsdp"  # fsdp (torch FSDP2) | deepspeed (ZeRO 1/2/3 engine)
     param_dtype: str = "fp32"  # fsdp: dtype parameters are gathered and computed in (bf16: fp32 master copy)
-    reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduced in
+    reduce_dtype: str = "fp32"  # fsdp and deepspeed: dtype gradients are reduced in (fp32 | bf16)
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3) or keep (ZeRO-2)
+    # fsdp, with gradient accumulation: per_step reduces once per optimizer step (after the last micro
+    # batch; unsharded gradients of every FSDP unit are held across the micro batches), per_micro_batch
+    # reduce-scatters after each (sharded gradient memory, micro-batches-fold communication).
+    grad_sync: str = "per_step"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # A collective that waits longer than this (a rank hung or gone) fails with the rank and the op
     # named (sbtrain.trainer.distributed.CollectiveTimeoutError) instead of hanging the job.
@@ -105,6 +110,8 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
     if cfg.deepspeed.accelerator not in ACCELERATORS:
         raise ConfigError(f"parallel.deepspeed.accelerator={cfg.deepspeed.accelerator!r} is unknown; use one of "
                           f"{ACCELERATORS}")
+    if cfg.grad_sync not in GRAD_SYNC:
+        raise ConfigError(f"parallel.grad_sync={cfg.grad_sync!r} is unknown; use one of {GRAD_SYNC}")
     if cfg.cp_linear not in CP_LINEAR:
         raise ConfigError(f"parallel.cp_linear={cfg.cp_linear!r} is unknown; use one of {CP_LINEAR}")
     for name in ("param_dtype", "reduce_dtype"):

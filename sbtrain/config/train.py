@@ -44,6 +44,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest good checkpoint in out_dir) | never | PATH
     init_from: str | None = None  # start a new run from a weights directory (sbtrain-convert output)
     device: str = "auto"  # auto | cpu | cuda
+    tf32: bool = True  # CUDA / MACA: fp32 matmuls on TF32 tensor cores (no effect on the CPU)
 
     def validate(self, dp_size: int = 1) -> TrainerConfig:
         per_rank, rem = divmod(self.global_batch_size, dp_size)
@@ -62,6 +63,9 @@ class TrainerConfig:
             raise ConfigError(
                 f"trainer.activation_checkpointing={self.activation_checkpointing!r} is unknown; use one of {AC_MODES}"
             )
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ConfigError(f"trainer.peak_flops={self.peak_flops} must be a positive FLOP/s figure for ONE device "
+                              "(e.g. 989e12 for an H100 SXM in bf16), or null for the built-in table")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(f"trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
         return self

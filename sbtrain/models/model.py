@@ -178,8 +178,13 @@ class CausalLM(nn.Module):
                     flat_hidden, shard.weight, flat_labels, group=shard.group, vocab_start=shard.vocab_start
                 )
             num_tokens = (flat_labels != -100).sum()
-        logits = self.lm_head(hidden).float() if return_logits else None
+        logits = _at_least_fp32(self.lm_head(hidden)) if return_logits else None
         return CausalLMOutput(loss_sum, num_tokens, aux, logits)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 logits widened to fp32; a float64 model keeps float64 (reference runs)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

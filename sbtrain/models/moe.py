@@ -61,7 +61,10 @@ class Router(nn.Module):
         """``token_group``: the group over which this token set is split (None: not split); the
         aux loss returned is then this rank's share of the aux loss of the whole set."""
         cfg, E = self.cfg, self.cfg.num_experts
-        logits = x.float() @ self.weight.float().t()
+        # fp32 even under autocast: autocast would run this matmul of fp32 operands in bf16 and
+        # the top-k choice and the balance / z losses would follow bf16 rounding.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = x.float() @ self.weight.float().t()
         scores = logits.softmax(-1) if cfg.router_activation == "softmax" else torch.sigmoid(logits)
         select = scores + self.expert_bias if cfg.aux_free_balancing else scores
         expert_ids = select.topk(cfg.top_k, dim=-1).indices

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch import nn
 
-from operators.platform import communication_backend
+from operators.platform import process_group_backend
 from parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh, build_mesh
@@ -48,7 +48,7 @@ def init_process_group(device: torch.device, timeout_s: float = 1800.0) -> int:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = communication_backend() if device.type != "cpu" else "gloo"
+        backend = process_group_backend(device_type=device.type)
         timeout = datetime.timedelta(seconds=timeout_s)
         c10d.default_pg_timeout = timeout
         if hasattr(c10d, "default_pg_nccl_timeout"):

@@ -226,7 +226,9 @@ class ModelStatsCallback(Callback):
         for layer, (nonzero, total) in self.spikes.items():
             parts.append(torch.tensor([float(nonzero), float(total)], dtype=torch.float64))
             layout.append(("spike", layer, 0))
-        flat = trainer._all_reduce(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+        # Reduced on the model's device (an NCCL group takes no CPU tensors), read back on the host.
+        flat = trainer._all_reduce(torch.cat(parts).to(trainer.device)).cpu() if parts else \
+            torch.zeros(0, dtype=torch.float64)
         record = {"step": trainer.step, "grad_norm": self.grad_norms, "gla_decay": {}, "moe": {}, "spike_rate": {}}
         at = 0
         for kind, layer, n in layout:

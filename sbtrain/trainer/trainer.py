@@ -31,6 +31,7 @@ from sbtrain.models.spiking import set_spiking_step
 from sbtrain.trainer.callbacks import Callback
 from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.distill import kd_loss_sum
+from sbtrain.trainer.flops import PEAK_UNKNOWN, throughput_metrics
 from sbtrain.trainer.optim import apply_lr
 
 log = logging.getLogger("sbtrain.train")
@@ -71,6 +72,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         flops_per_token: float = 0.0,
         peak_flops: float = float("nan"),
+        peak_kind: str = PEAK_UNKNOWN,  # sbtrain.trainer.flops.PEAK_*: is the peak a datasheet figure?
         meta: dict | None = None,
         mesh: ParallelMesh | None = None,
         cp_linear: str = "allgather",
@@ -78,6 +80,7 @@ class Trainer:
         teacher: torch.nn.Module | None = None,
         expert_grad_divisor: tuple[list, float] | None = None,  # from trainer.distributed.parallelize
         distill_cfg: Any | None = None,  # DistillConfig: weight, temperature
+        grad_sync: str = "per_step",  # parallel.grad_sync: FSDP reduces once per step or per micro batch
     ):
         self.model, self.optimizer, self.cfg, self.optim_cfg = model, optimizer, cfg, optim_cfg
         self.train_data, self.valid_data = train_data, valid_data
@@ -85,13 +88,14 @@ class Trainer:
         # Other ranks run only the callbacks that join collectives (observability: all_ranks).
         self.callbacks = [cb for cb in callbacks if self._rank0 or getattr(cb, "all_ranks", False)]
         self.sync_wait_s = 0.0  # seconds spent in the trainer's own all-reduces (slow-rank detector)
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops_per_token, self.peak_flops, self.peak_kind = flops_per_token, peak_flops, peak_kind
         self.meta = meta or {}
         self.mesh, self.cp_linear = mesh, cp_linear
         # A DeepSpeed engine (parallel.deepspeed_engine) owns backward, clipping, the optimizer
         # step and the optimizer state; None: plain autograd + torch optimizer (FSDP or one rank).
         self.engine = engine
         self.teacher, self.distill_cfg = teacher, distill_cfg
+        self.grad_sync = grad_sync
         self.loss_group = mesh.loss_mesh.get_group() if mesh is not None else None
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # target tokens trained on
@@ -118,6 +122,12 @@ class Trainer:
     @property
     def _rank0(self) -> bool:
         return not dist.is_initialized() or dist.get_rank() == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes, and so where every tensor the trainer hands to a collective
+        lives: an NCCL group rejects CPU tensors at run time (never at import)."""
+        return next(self.model.parameters()).device
 
     @property
     def grad_reduce_size(self) -> int:
@@ -170,6 +180,9 @@ class Trainer:
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "rng_torch": torch.get_rng_state(),
                 "rng_python": _python_rng_to_json(random.getstate()),
+                # The accelerator's generator (CUDA / MACA: 16 bytes of philox seed + offset), as
+                # JSON so a CPU checkpoint (empty list) resumes on a GPU and the other way round.
+                "rng_device": _device_rng_state(self.device),
             },
         }
 
@@ -184,6 +197,8 @@ class Trainer:
         self.skipped_steps, self.consecutive_nonfinite = int(t["skipped_steps"]), int(t["consecutive_nonfinite"])
         torch.set_rng_state(t["rng_torch"])
         random.setstate(_python_rng_from_json(t["rng_python"]))
+        if t.get("rng_device") and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(t["rng_device"], dtype=torch.uint8), self.device)
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is None:
@@ -230,7 +245,7 @@ class Trainer:
         (one may see it a step later): they agree here, or some would checkpoint (a collective)
         while the others start the next step, and the job would hang."""
         if dist.is_initialized():
-            flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64)
+            flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self._stop_signal = int(flag.item()) or None
         return self._stop_signal is not None
@@ -256,20 +271,23 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> StepStats:
         set_spiking_step(self.model, self.step)  # model.spike.train_from_step: spikes for the last part
-        device = next(self.model.parameters()).device
+        device = self.device
         micro_batches = [self._prepare(mb, device) for mb in micro_batches]
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
+        local_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in micro_batches:
+            local_tokens += (mb["labels"] != -100).sum()
+        global_tokens = int(self._all_reduce(local_tokens).item())
         if global_tokens == 0:
             raise ValueError(f"step {self.step + 1}: the global batch has no target tokens (all labels are -100)")
         # The data-parallel wrapper averages gradients over dp x cp ranks; times that count, the
         # sum of every rank's objective is the global-batch loss.
         scale = self.grad_reduce_size / global_tokens
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
-        kd_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=device)
         loads = [None] * len(self.balancers)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            self._set_gradient_sync(last=i == len(micro_batches) - 1)
             with self._autocast():
                 out = self.model(**mb, return_logits=self.teacher is not None)
             objective = out.loss_sum * scale
@@ -317,6 +335,12 @@ class Trainer:
                     moe.update_expert_bias(self._all_reduce(load))
         return StepStats(loss, global_tokens, float(aux_sum), grad_norm, skipped, kd)
 
+    def _set_gradient_sync(self, last: bool) -> None:
+        """FSDP2: reduce(-scatter) gradients only in the last micro batch's backward (no-sync
+        accumulation: one reduction per optimizer step instead of one per micro batch)."""
+        if self.engine is None and self.grad_sync == "per_step" and hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
+
     def _engine_step(self, loss: float, global_tokens: int, aux: float, loads: list) -> StepStats:
         """The optimizer step through a DeepSpeed engine: it reduces, clips and skips non-finite
         gradients itself; a non-finite loss skips the step before the engine sees it."""
@@ -340,9 +364,9 @@ class Trainer:
         was_training = self.model.training
         set_spiking_step(self.model, self.step)
         self.model.eval()
-        device = next(self.model.parameters()).device
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
+        device = self.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)
         for i, mb in enumerate(self.valid_data.batches()):
             if self.cfg.eval_batches and i >= self.cfg.eval_batches:
                 break
@@ -417,7 +441,7 @@ class Trainer:
             self.consecutive_nonfinite = 0
             self.tokens += stats.tokens
         tokens_per_s = self.tokens_per_step / elapsed
-        flops = self.flops_per_token * tokens_per_s
+        world = dist.get_world_size() if dist.is_initialized() else 1
         metrics = {
             "step": self.step,
             "tokens": self.tokens,
@@ -430,8 +454,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
-            "tflops": flops / 1e12,
-            "mfu": flops / self.peak_flops if self.peak_flops and math.isfinite(self.peak_flops) else float("nan"),
+            # MFU is per device: global model FLOP/s / world / one device's peak (docs/MFU.md).
+            **throughput_metrics(self.flops_per_token, tokens_per_s, world, self.peak_flops, self.peak_kind),
             "memory_gb": _memory_gb(next(self.model.parameters()).device),
         }
         for cb in self.callbacks:
@@ -442,6 +466,10 @@ def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def _device_rng_state(device: torch.device) -> list[int]:
+    return torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else []
 
 
 def _python_rng_to_json(state: tuple) -> list:

@@ -23,12 +23,15 @@ def _check(specs: list[dict], world: int, timeout: float = 300) -> None:
     got = run_distributed(_run_cases, world, specs, timeout=timeout)
     for spec, result in zip(specs, got[0]):
         ref = train_case({**spec, "dp_replicate": 1, "cp": 1, "tp": 1, "ep": 1})
-        assert_same_training(ref, result, str(spec))
+        assert_same_training(ref, result, str(spec), tol=spec.get("tol", 1e-5))
 
 
 CP_CASES = [
     {**BASE, "model": "qwen2", "cp": 2},
-    {**BASE, "model": "sb7b", "cp": 2, "docs": True},
+    # No-sync accumulation sums a rank's two micro batches before the one reduce-scatter: another
+    # fp32 order than the single process's; measured 1.01e-5 on the embedding gradient at step 3
+    # (5.5e-6 with a reduce-scatter per micro batch), SGD at lr 0.5 amplifying step 1's rounding.
+    {**BASE, "model": "sb7b", "cp": 2, "docs": True, "tol": 2e-5},
     {**BASE, "model": "sb7b", "cp": 2, "cp_linear": "scan"},
     {**BASE, "model": "sb76b", "cp": 2, "docs": True},
     {**BASE, "model": "sb76b", "cp": 2, "model_over": {"hybrid": None}},

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sbtrain.config.model import MoEConfig
-from sbtrain.models.moe import MoE
+from sbtrain.models.moe import MoE, Router
 
 D, FFN = 16, 24
 
@@ -98,3 +98,22 @@ def test_capacity_factor_drops_and_counts():
     ref, _, dropped = loop_reference(moe, x, capacity=capacity)
     assert dropped > 0 and moe.last_dropped == dropped
     torch.testing.assert_close(y, ref)
+
+
+def test_router_logits_are_fp32_under_autocast():
+    """bf16 autocast around the model must not reach the router's matmul (issue 18)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=2, num_shared_experts=0, aux_loss_coef=0.01, z_loss_coef=0.001)
+    router = Router(64, cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(200, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(x)
+    ref = router(x)  # no autocast: the fp32 reference
+    assert routing.weights.dtype == torch.float32
+    assert torch.equal(routing.expert_ids, ref.expert_ids)
+    assert torch.equal(routing.weights, ref.weights)
+    assert torch.equal(routing.aux_loss, ref.aux_loss)
+    # The check can fail: weights from bf16 logits differ from the fp32 ones.
+    bf16_weights = (x.bfloat16() @ router.weight.bfloat16().t()).float().softmax(-1).gather(-1, ref.expert_ids)
+    assert not torch.equal(bf16_weights, ref.weights)

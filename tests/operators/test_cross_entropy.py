@@ -68,15 +68,42 @@ def test_frozen_head_gets_no_gradient_and_hidden_still_does():
     assert_close(gh, want_gh, **tolerances(torch.float32), name="grad hidden with a frozen head")
 
 
-def test_autocast_does_not_lower_the_logits_precision():
-    hidden, weight, labels = make_case(30, 16, 40, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = linear_cross_entropy_chunked(hidden, weight, labels, chunk_size=8)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [8, 64])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_autocast_reads_bf16_operands_and_accumulates_in_fp32(chunk_size, with_grad):
+    """Under bf16 autocast the head's matmuls take bf16 inputs; everything after them is fp32.
+    So the loss equals a float64 reference on the bf16-ROUNDED hidden and head (to fp32
+    accumulation error), and differs from the unrounded fp32 loss by the rounding. Gradients
+    additionally round ``softmax - onehot`` to bf16 before their GEMMs: relative RMS <= 2e-3
+    (bf16's unit roundoff is 3.9e-3)."""
+    hidden, weight, labels = make_case(37, 24, 101, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(with_grad):
+        loss = linear_cross_entropy_chunked(hidden, weight, labels, chunk_size=chunk_size)
+    assert loss.dtype == torch.float32
+    rounded_loss, rounded_gh, rounded_gw = oracle(hidden.bfloat16().float(), weight.bfloat16().float(), labels)
+    fp32_loss, _, _ = oracle(hidden, weight, labels)
+    assert abs(loss.item() - rounded_loss.item()) <= 1e-6 * abs(rounded_loss.item())
+    assert abs(fp32_loss.item() - rounded_loss.item()) > 10 * abs(loss.item() - rounded_loss.item()), \
+        "the operands were not rounded to bf16: autocast is not reaching the head's matmuls"
+    if with_grad:
         gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+        assert _rel(gh, rounded_gh) <= 2e-3, _rel(gh, rounded_gh)
+        assert _rel(gw, rounded_gw) <= 2e-3, _rel(gw, rounded_gw)
+
+
+def test_without_autocast_the_head_stays_fp32():
+    hidden, weight, labels = make_case(30, 16, 40, torch.float32)
+    loss = linear_cross_entropy_chunked(hidden, weight, labels, chunk_size=8)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
     want_loss, want_gh, want_gw = oracle(hidden, weight, labels)
-    assert_close(loss, want_loss, **tolerances(torch.float32), name="loss under autocast")
-    assert_close(gh, want_gh, **tolerances(torch.float32), name="grad hidden under autocast")
-    assert_close(gw, want_gw, **tolerances(torch.float32), name="grad weight under autocast")
+    assert_close(loss, want_loss, **tolerances(torch.float32), name="fp32 loss")
+    assert_close(gh, want_gh, **tolerances(torch.float32), name="fp32 grad hidden")
+    assert_close(gw, want_gw, **tolerances(torch.float32), name="fp32 grad weight")
 
 
 def test_all_tokens_ignored_gives_zero_loss_and_gradient():
