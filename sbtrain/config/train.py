@@ -132,7 +132,7 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = 0  # save every N steps (0: only at the end and on SIGTERM / SIGUSR1)
     keep_last: int = 3
-    async_save: bool = False  # snapshot to CPU and write in a background thread
+    async_save: bool = False  # snapshot to CPU, write in a background thread (collectives on its own gloo group)
 
 
 @dataclass

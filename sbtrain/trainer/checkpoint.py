@@ -15,6 +15,17 @@ any moment leaves the previous checkpoint intact; ``latest`` is updated after th
 load, a checkpoint whose manifest is missing or does not match its files is skipped with a
 warning and the previous good one is used. Non-tensor values never go through DCP, which would
 pickle them: they are JSON, so loading a checkpoint never unpickles anything.
+
+``async_save=True``: ``save`` snapshots the tensors to CPU on the calling (main) thread and
+writes them in a background thread while training goes on; the next ``save`` (and ``wait``)
+first waits for it and re-raises its error. Every collective of that thread (the checkpoint's
+barriers and DCP's plan exchange) runs on the checkpoint's own gloo group, never on a group the
+training loop uses: collectives issued from two threads on one process group are matched in
+whatever order each rank happens to issue them, which deadlocks or mixes up payloads, and on a
+GPU job the default group is NCCL anyway while the snapshot is on the CPU. The snapshot of a
+DTensor (FSDP2 / TP shards) stays a DTensor with the same mesh and placements, so the sharded
+layout is written as usual; DCP plans it from the mesh coordinates alone, which needs no
+collective on the mesh's groups.
 """
 
 from __future__ import annotations
@@ -48,9 +59,36 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+ASYNC_THREAD_NAME = "sbtrain-async-checkpoint"
+# (default group, the async saves' gloo group over the same ranks): one per process, not one per
+# Checkpointer (a staged run builds one per stage), re-created if the default group was replaced.
+_ASYNC_GROUP: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
+
+
+def async_group() -> dist.ProcessGroup | None:
+    """The group of every collective in an asynchronous save (None without torch.distributed).
+
+    Created by a collective call on the first asynchronous save: every rank saves at the same
+    steps (the trainer agrees on when), from the main thread, before its background thread starts.
+    Its timeout is c10d's default, which the trainer sets to ``parallel.collective_timeout_s``."""
+    global _ASYNC_GROUP
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    if _ASYNC_GROUP is None or _ASYNC_GROUP[0] is not world:
+        _ASYNC_GROUP = (world, dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[1]
+
+
+def snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that training cannot change. A DTensor stays a DTensor with the same mesh and
+    placements (a CPU local shard; DCP writes ``to_local()`` and plans from the mesh coordinates)."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -144,14 +182,17 @@ class Checkpointer:
         self.wait()
         flat = flatten(state)
         tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
-        others = {k: _jsonable(v) for k, v in flat.items() if not isinstance(v, torch.Tensor)}
+        # Encoded now: a bad value fails here, and a later change to ``meta`` cannot leak in.
+        others = json.dumps({k: _jsonable(v) for k, v in flat.items() if not isinstance(v, torch.Tensor)})
+        meta_json = json.dumps({"step": step, **meta}, indent=1, default=str)
         if self.async_save:
-            # Snapshot the tensors now so training can go on while the copy is written.
-            tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-            self._pending = threading.Thread(target=self._save_guarded, args=(step, tensors, others, meta), daemon=True)
+            group = async_group()  # a collective call: on the main thread, never in the saver
+            tensors = {k: snapshot(v) for k, v in tensors.items()}
+            self._pending = threading.Thread(target=self._save_guarded, args=(step, tensors, others, meta_json, group),
+                                             name=ASYNC_THREAD_NAME, daemon=True)
             self._pending.start()
         else:
-            self._save(step, tensors, others, meta)
+            self._save(step, tensors, others, meta_json, None)  # main thread: the default group is safe
         return self.dir / f"step_{step:08d}"
 
     def wait(self) -> None:
@@ -169,21 +210,22 @@ class Checkpointer:
         except BaseException as exc:  # noqa: BLE001 - reported by wait()
             self._error = exc
 
-    def _save(self, step: int, tensors: dict, others: dict, meta: dict) -> None:
+    def _save(self, step: int, tensors: dict, others: str, meta_json: str, group: dist.ProcessGroup | None) -> None:
+        """Every collective here is on ``group`` (None: the default group, main thread only)."""
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f".{name}.tmp"
         if _rank0():
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
+        _barrier(group)
         with warnings.catch_warnings():  # "assuming single process" when no process group: intended
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-            dcp.save(tensors, checkpoint_id=str(tmp))
-        _barrier()
+            dcp.save(tensors, checkpoint_id=str(tmp), process_group=group)
+        _barrier(group)
         if _rank0():
-            (tmp / "state.json").write_text(json.dumps(others))
-            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
+            (tmp / "state.json").write_text(others)
+            (tmp / "meta.json").write_text(meta_json)
             files = {
                 f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()
             }
@@ -200,7 +242,7 @@ class Checkpointer:
             os.replace(latest_tmp, self.dir / "latest")
             self._prune(keep=final)
             log.info("checkpoint saved: %s", final)
-        _barrier()
+        _barrier(group)
 
     def _prune(self, keep: Path) -> None:
         steps = sorted(self.list(), key=lambda p: p.name)
