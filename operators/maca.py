@@ -18,6 +18,11 @@ Where fla offers a knob, and where it does not (fla >= 0.2; read in fla's source
   ``gla_step`` row applies only to whatever its modules autotune.
 If a table leaves a kernel no configuration, that kernel keeps fla's list (logged).
 
+Under ``TRITON_INTERPRET=1`` (CI without a GPU) ``fla_maca`` also takes CPU tensors, like
+``fla``, but only in a process whose platform is ``maca`` (``SBTRAIN_PLATFORM=maca``): that is
+the MetaX walk exercised on a CPU box, and elsewhere ``fla`` stays the CPU choice. The
+interpreter runs each autotuned kernel's first candidate left after the MetaX filter.
+
 The defaults are a starting point derived from the warp arithmetic (half NVIDIA's warp
 counts, 64-wide blocks, two stages), not measurements: no MetaX device was available when
 they were written. Edit them per recipe (``operators.maca.gla.num_warps=2``) or with
@@ -33,7 +38,9 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from operators.ops import gla, gla_step
+from operators.platform import detect_platform
 from operators.registry import Backend
+from operators.triton_interpreter import install_shims, interpreter_enabled
 
 log = logging.getLogger("sbtrain.operators")
 
@@ -140,9 +147,17 @@ def _apply_tuning(op: str) -> None:
     _applied[op] = limits
 
 
+# Read once, as in operators.gla.fla_backend: fla's kernels are interpreted or not from import on.
+CPU_VIA_INTERPRETER = interpreter_enabled()
+PLATFORMS = ("maca", "cpu") if CPU_VIA_INTERPRETER else ("maca",)
+
+
 def _available() -> bool:
     import fla  # noqa: F401  (ImportError -> "fla not importable")
 
+    if CPU_VIA_INTERPRETER:
+        install_shims()  # before any fla kernel runs
+        return True
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no cuda (MACA) device")
     return True
@@ -154,16 +169,23 @@ def _decline_dtype(q) -> str | None:
     return None
 
 
+def _decline_cpu(q) -> str | None:
+    # Only reached for CPU tensors under the interpreter (otherwise the platform walk stops them).
+    if q.device.type == "cpu" and detect_platform() != "maca":
+        return "CPU tensors go to fla_maca under the Triton interpreter only when the platform is maca"
+    return None
+
+
 def _gla_accepts(q, k, v, g, *args, **kwargs) -> str | None:
     from operators.gla import fla_backend
 
-    return _decline_dtype(q) or fla_backend._gla_accepts(q, k, v, g, *args, **kwargs)
+    return _decline_dtype(q) or _decline_cpu(q) or fla_backend._gla_accepts(q, k, v, g, *args, **kwargs)
 
 
 def _step_accepts(q, k, v, g, state, *args, **kwargs) -> str | None:
     from operators.gla import fla_backend
 
-    return _decline_dtype(q) or fla_backend._step_accepts(q, k, v, g, state, *args, **kwargs)
+    return _decline_dtype(q) or _decline_cpu(q) or fla_backend._step_accepts(q, k, v, g, state, *args, **kwargs)
 
 
 def gla_fla_maca(q, k, v, g, **kwargs):
@@ -182,7 +204,7 @@ def gla_step_fla_maca(q, k, v, g, state, scale: float | None = None):
     return gla_step_fla(q, k, v, g, state, scale=scale)
 
 
-gla.register(Backend(name="fla_maca", fn=gla_fla_maca, priority=20, platforms=("maca",),
+gla.register(Backend(name="fla_maca", fn=gla_fla_maca, priority=20, platforms=PLATFORMS,
                      is_available=_available, accepts=_gla_accepts))
-gla_step.register(Backend(name="fla_maca", fn=gla_step_fla_maca, priority=20, platforms=("maca",),
+gla_step.register(Backend(name="fla_maca", fn=gla_step_fla_maca, priority=20, platforms=PLATFORMS,
                           is_available=_available, accepts=_step_accepts))

@@ -6,9 +6,17 @@ when Tq < Tk (since 2.1), ``window_size=(W, 0)`` keeps W past keys plus the curr
 2.3), GQA/MQA takes k/v with fewer heads, and ``flash_attn_varlen_func`` with ``cu_seqlens`` keeps
 attention inside documents. It has no sink tokens and runs only fp16/bf16 with head dim <= 256:
 those calls are declined and go to ``sdpa``.
+
+Test hook: flash-attn cannot run on a CPU box, so ``tests/operators/test_flash_attn_standin.py``
+puts a float64 PyTorch stand-in under the name ``flash_attn`` (``sys.modules``) to check this
+wrapper's argument mapping. CPU tensors are accepted only while the imported ``flash_attn``
+carries ``SBTRAIN_CPU_STANDIN = True``, a marker no real flash-attn has, so it is never on by
+accident; on CUDA nothing changes.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -28,8 +36,13 @@ def _version(text: str) -> tuple:
     return tuple(parts)
 
 
+def _cpu_standin() -> bool:
+    """True only while a test has injected a stand-in ``flash_attn`` that says so."""
+    return getattr(sys.modules.get("flash_attn"), "SBTRAIN_CPU_STANDIN", False) is True
+
+
 def _is_available() -> bool:
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or _cpu_standin()):
         return False
     import flash_attn
 
@@ -39,7 +52,7 @@ def _is_available() -> bool:
 def _accepts(q, k, v, *, causal=True, window=None, sink_k=None, sink_v=None, scale=None, cu_seqlens=None):
     if sink_k is not None or sink_v is not None:
         return "flash-attn has no sink tokens"
-    if q.device.type != "cuda":
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _cpu_standin()):
         return f"flash-attn runs on CUDA tensors; got {q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"flash-attn needs fp16 or bf16; got {q.dtype}"

@@ -1,4 +1,4 @@
-"""flash-linear-attention backends (CUDA only): ``fla`` for ``ops.gla`` (``chunk_gla``) and
+"""flash-linear-attention backends (CUDA): ``fla`` for ``ops.gla`` (``chunk_gla``) and
 ``fla`` for ``ops.gla_step`` (``fused_recurrent_gla`` on one token).
 
 fla is imported lazily, so this module imports without it. Layout is pinned to [B, T, H, D]:
@@ -14,8 +14,15 @@ are exact (the expansion's backward sums over the group).
 
 What fla's GLA kernels cannot do, ``accepts`` declines (the chunked backend takes the call):
 - head dims over 256 (fla's block sizes are tuned up to 256) or under 16 (Triton's dot).
-- tensors off CUDA.
+- tensors off CUDA, except CPU tensors when Triton's interpreter is on (below).
 Scalar gates ``[B,T,Hkv]`` are expanded to per-dim (a view; autograd sums the gradient back).
+
+CPU tensors under ``TRITON_INTERPRET=1`` (decided once, when this module is imported): the
+backends then also list the ``cpu`` platform and run fla's kernels through Triton's interpreter
+(``operators/triton_interpreter.py`` installs the shims it needs), so CI checks these wrappers
+(GQA expansion, per-KV-head state, scalar gates, varlen, initial state) on a CPU box
+(``tests/operators/test_fla_interpreter.py``). bf16 is declined there: the interpreter computes
+bf16 ``tl.dot`` wrongly. Without the variable nothing changes: CUDA only, as before.
 """
 
 from __future__ import annotations
@@ -28,16 +35,23 @@ import torch
 from operators.gla.reference import check_gla_args, expand_gate
 from operators.ops import gla, gla_step
 from operators.registry import Backend
+from operators.triton_interpreter import install_shims, interpreter_enabled
 
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 16
+# Read once: fla's kernels are compiled or interpreted depending on TRITON_INTERPRET when fla
+# is imported, so a later change of the variable could not take effect anyway.
+CPU_VIA_INTERPRETER = interpreter_enabled()
+PLATFORMS = ("cuda", "cpu") if CPU_VIA_INTERPRETER else ("cuda",)
 
 
 def _available() -> bool:
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or CPU_VIA_INTERPRETER):
         return False
     import fla  # noqa: F401  (raises ImportError when fla is missing -> unavailable)
 
+    if CPU_VIA_INTERPRETER:
+        install_shims()  # before any fla kernel runs
     return True
 
 
@@ -52,8 +66,11 @@ def _layout_kwargs(fn) -> tuple:
 
 
 def _decline(q, k, v) -> str | None:
-    if q.device.type != "cuda":
-        return f"fla runs on CUDA tensors only, got {q.device.type}"
+    if q.device.type == "cpu" and CPU_VIA_INTERPRETER:
+        if q.dtype == torch.bfloat16:
+            return "bf16 under the Triton interpreter: its bf16 tl.dot is wrong (a Triton limitation)"
+    elif q.device.type != "cuda":
+        return f"fla runs on CUDA tensors only (CPU ones under TRITON_INTERPRET=1), got {q.device.type}"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed fla's {MAX_HEAD_DIM}"
     if min(q.shape[-1], v.shape[-1]) < MIN_HEAD_DIM:
@@ -84,6 +101,8 @@ def gla_fla(
     reason = _decline(q, k, v)
     if reason:
         raise ValueError(f"gla backend fla: {reason}; use the chunked backend (SBTRAIN_OPS=gla:chunked)")
+    if CPU_VIA_INTERPRETER:
+        install_shims()  # idempotent; direct calls (call_backend) skip _available()
     g = expand_gate(g, k)
     group = q.shape[2] // k.shape[2]
     if group > 1:
@@ -124,6 +143,8 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
     reason = _decline(q, k, v)
     if reason:
         raise ValueError(f"gla_step backend fla: {reason}")
+    if CPU_VIA_INTERPRETER:
+        install_shims()
     g = g.unsqueeze(-1).expand_as(k) if g.dim() == 2 else g
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -146,10 +167,10 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
 
 
 gla.register(
-    Backend(name="fla", fn=gla_fla, priority=20, platforms=("cuda",), is_available=_available, accepts=_gla_accepts)
+    Backend(name="fla", fn=gla_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_gla_accepts)
 )
 gla_step.register(
     Backend(
-        name="fla", fn=gla_step_fla, priority=20, platforms=("cuda",), is_available=_available, accepts=_step_accepts
+        name="fla", fn=gla_step_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_step_accepts
     )
 )
