@@ -53,9 +53,10 @@ def _grouped_mm_accepts(x, w, offs, *args, **kwargs) -> str | None:
     size = x.element_size()
     if (w.shape[1] * size) % _STRIDE_ALIGN_BYTES or (w.shape[2] * size) % _STRIDE_ALIGN_BYTES:
         return f"Din={w.shape[1]} / Dout={w.shape[2]} not multiples of {_STRIDE_ALIGN_BYTES // size} elements"
-    if x.device.type != "cpu" or offs.device != x.device:
-        # On a GPU, reading offs would cost a host sync per call: trust the router, whose offs are
-        # the cumsum of per-expert counts (non-decreasing, last = N) by construction.
+    if x.device.type != "cpu" or offs.device != x.device or torch.compiler.is_compiling():
+        # On a GPU (or in a compiled graph, where it would break the graph), reading offs would
+        # cost a host sync per call: trust the router, whose offs are the cumsum of per-expert
+        # counts (non-decreasing, last = N) by construction.
         return None if offs.device == x.device else f"offs on {offs.device}, x on {x.device}"
     # Offsets past N would make the kernel read out of bounds, and a decreasing one is not a
     # grouping at all; on CPU the check is a cheap look at E integers.
@@ -72,10 +73,22 @@ def _zero_tail(out: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(~valid.unsqueeze(1), 0)
 
 
-class _GroupedMM(torch.autograd.Function):
-    """Explicit backward so that the unwritten tail rows are zeroed in grad_x as well
+def _grouped_mm_backward(grad_out, x, w, offs, need_x: bool, need_w: bool):
+    """Explicit backward, so that the unwritten tail rows are zeroed in grad_x as well
     (torch's own derivative of ``_grouped_mm`` returns them uninitialised)."""
+    # An expanded grad (e.g. from .sum()) has zero strides, which the kernel rejects.
+    grad_out = grad_out.contiguous()
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = _zero_tail(torch._grouped_mm(grad_out, w.transpose(1, 2), offs=offs), offs)
+    if need_w:
+        # 2-D x 2-D form: groups along the token (reduction) dim give [E, Din, Dout]; an expert
+        # with no tokens gets zeros. x.t() must stay a view: a transposed copy has a stride of N.
+        grad_w = torch._grouped_mm(x.t(), grad_out, offs=offs)
+    return grad_x, grad_w
 
+
+class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
@@ -84,20 +97,49 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, w, offs = ctx.saved_tensors
-        # An expanded grad (e.g. from .sum()) has zero strides, which the kernel rejects.
-        grad_out = grad_out.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _zero_tail(torch._grouped_mm(grad_out, w.transpose(1, 2), offs=offs), offs)
-        if ctx.needs_input_grad[1]:
-            # 2-D x 2-D form: groups along the token (reduction) dim give [E, Din, Dout]; an expert
-            # with no tokens gets zeros. x.t() must stay a view: a transposed copy has a stride of N.
-            grad_w = torch._grouped_mm(x.t(), grad_out, offs=offs)
-        return grad_x, grad_w, None
+        return *_grouped_mm_backward(grad_out, x, w, offs, *ctx.needs_input_grad[:2]), None
+
+
+# Under torch.compile the same kernels run as opaque ops (``sbtrain::grouped_mm``): torch's fake
+# kernel of ``_grouped_mm`` (torch 2.13) takes bf16 only, so tracing the fp32 call fails outright.
+@torch.library.custom_op("sbtrain::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _zero_tail(torch._grouped_mm(x, w, offs=offs), offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("sbtrain::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _grouped_mm_backward(grad_out, x, w, offs, True, True)
+
+
+@_grouped_mm_backward_op.register_fake
+def _(grad_out, x, w, offs):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _grouped_mm_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_op_grad(ctx, grad_out):
+    grad_x, grad_w = _grouped_mm_backward_op(grad_out, *ctx.saved_tensors)
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_op_grad, setup_context=_grouped_mm_op_setup)
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Same contract as :func:`operators.grouped_mm.grouped_mm_reference`."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(x.contiguous(), w.contiguous(), offs)
     return _GroupedMM.apply(x.contiguous(), w.contiguous(), offs)
 
 

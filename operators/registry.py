@@ -44,6 +44,13 @@ def set_profiling(on: bool) -> None:
     PROFILING = bool(on)
 
 
+@torch.compiler.assume_constant_result
+def _process_platform() -> str:
+    """:func:`detect_platform`, a constant of the trace under ``torch.compile``: dynamo would trace
+    through its cache into the probe (environment, CUDA runtime, a log call: a graph break)."""
+    return detect_platform()
+
+
 def _always() -> bool:
     return True
 
@@ -65,19 +72,23 @@ class Backend:
 
     def available(self) -> bool:
         if self._available is None:
-            try:
-                self._available = bool(self.is_available())
-                if not self._available:
-                    self.unavailable_reason = "is_available() is False (no device or missing package)"
-            except ImportError as exc:  # an optional package missing means unavailable
-                self._available = False
-                self.unavailable_reason = f"{exc.name or exc} not importable"
-            except Exception as exc:  # noqa: BLE001 - any probe failure means unavailable
-                self._available = False
-                self.unavailable_reason = f"{type(exc).__name__}: {exc}"
-            if not self._available:
-                log.debug("backend %s unavailable: %s", self.name, self.unavailable_reason)
+            available, reason = self._probe()
+            if torch.compiler.is_compiling():
+                return available  # no cache write in a trace (see prepare_for_compile)
+            self._available, self.unavailable_reason = available, reason
+            if not available:
+                log.debug("backend %s unavailable: %s", self.name, reason)
         return self._available
+
+    def _probe(self) -> tuple[bool, str | None]:
+        try:
+            if self.is_available():
+                return True, None
+            return False, "is_available() is False (no device or missing package)"
+        except ImportError as exc:  # an optional package missing means unavailable
+            return False, f"{exc.name or exc} not importable"
+        except Exception as exc:  # noqa: BLE001 - any probe failure means unavailable
+            return False, f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -178,7 +189,8 @@ def _walk_plan(op: Op, platform: str, call_platform: str, device_type: str) -> l
     if plan is None:
         plan = [(b, _platform_reason(b, call_platform, device_type, platform))
                 for b in _walk_order(op, platform, call_platform)]
-        op._plans[key] = plan
+        if not torch.compiler.is_compiling():  # no cache write in a trace (see prepare_for_compile)
+            op._plans[key] = plan
     return plan
 
 
@@ -277,12 +289,12 @@ class Op:
         return "cpu"
 
     def _platform(self, args, kwargs) -> str:
-        return "cpu" if self._device_type(args, kwargs) == "cpu" else detect_platform()
+        return "cpu" if self._device_type(args, kwargs) == "cpu" else _process_platform()
 
     def resolve(self, args: tuple, kwargs: dict) -> Selection:
         """The walk for a real call: this process's platform, the arguments' device."""
         device_type = self._device_type(args, kwargs)
-        return select_backend(self, platform=detect_platform(), device_type=device_type, args=args, kwargs=kwargs)
+        return select_backend(self, platform=_process_platform(), device_type=device_type, args=args, kwargs=kwargs)
 
     def select(self, *args, **kwargs) -> Backend:
         """The backend a call with these arguments would use."""
@@ -291,7 +303,20 @@ class Op:
     def __call__(self, *args, **kwargs):
         selection = self.resolve(args, kwargs)
         backend = selection.backend
-        key = (self._platform(args, kwargs), backend.name)
+        if not torch.compiler.is_compiling():
+            # Under torch.compile the walk runs once, at trace time: a log call there is a graph
+            # break and the ``_logged`` set a guard that the next eager call would invalidate.
+            self._log_choice(selection, self._platform(args, kwargs))
+        # Compiled: no profiler range (dynamo drops them), and no read of PROFILING, whose guard
+        # would recompile every block when a profiler window opens.
+        if torch.compiler.is_compiling() or not PROFILING:
+            return backend.fn(*args, **kwargs)
+        with torch.profiler.record_function(f"sbtrain::{self.name}[{backend.name}]"):
+            return backend.fn(*args, **kwargs)
+
+    def _log_choice(self, selection: Selection, platform: str) -> None:
+        backend = selection.backend
+        key = (platform, backend.name)
         if key not in self._logged:
             self._logged.add(key)
             log.info("op %s on %s -> backend %s", self.name, key[0], backend.name)
@@ -299,10 +324,6 @@ class Op:
                 log.info("op %s on %s: skipped %s: %s", self.name, key[0], name, reason)
             if selection.forced_by:
                 log.info("op %s on %s: %s forced by %s", self.name, key[0], backend.name, selection.forced_by)
-        if not PROFILING:
-            return backend.fn(*args, **kwargs)
-        with torch.profiler.record_function(f"sbtrain::{self.name}[{backend.name}]"):
-            return backend.fn(*args, **kwargs)
 
     def call_backend(self, name: str, *args, **kwargs):
         """Call one backend by name (conformance tests and benchmarks)."""
@@ -315,6 +336,21 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+
+def prepare_for_compile(device_types: tuple[str, ...] | None = None) -> None:
+    """Fill the caches every call's backend walk reads (walk plans, availability probes) before
+    ``torch.compile`` traces model code. The walk is then traced as plain reads: a cache filled
+    inside a trace would be a guard that the next call fails (a recompile of every compiled block),
+    so the walk never writes them while compiling. ``device_types``: the tensors' device types
+    (default: ``cpu`` and this platform's device)."""
+    platform = detect_platform()
+    for device_type in device_types or (("cpu",) if platform == "cpu" else ("cpu", "cuda")):
+        call_platform = "cpu" if device_type == "cpu" else platform
+        for op in OPS.values():
+            for backend, platform_reason in _walk_plan(op, platform, call_platform, device_type):
+                if platform_reason is None:
+                    backend.available()
 
 
 def define_op(name: str, reference: Callable) -> Op:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from operators.registry import prepare_for_compile
+
 MODES = ("none", "selective", "full")
 
 
@@ -27,7 +29,12 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> int:
     return wrapped
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
-    """``torch.compile`` each block separately (small graphs, fast compiles, shared code)."""
+def compile_blocks(blocks: nn.ModuleList, **compile_kwargs) -> None:
+    """``torch.compile`` each block separately (small graphs, fast compiles, shared code).
+
+    The op registry's caches are filled first, so that tracing its backend walk writes nothing
+    (see ``operators.registry.prepare_for_compile`` and docs/COMPILE.md). ``compile_kwargs`` go
+    to ``nn.Module.compile`` (the trainer passes none: inductor, default mode)."""
+    prepare_for_compile()
     for block in blocks:
-        block.compile()
+        block.compile(**compile_kwargs)

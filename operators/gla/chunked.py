@@ -19,6 +19,9 @@ Documents (``cu_seqlens``) are handled per segment: each document is copied to s
 edge and zero-padded to whole chunks, so no chunk mixes documents and the state simply
 restarts at each document's first chunk. Zero keys and zero log-decay on padding leave the
 state unchanged. The cost is up to C-1 padding tokens per document.
+
+Under ``torch.compile`` the same math runs as the opaque custom op ``sbtrain::gla_chunked``
+(docs/COMPILE.md), whose backward recomputes the chunk states.
 """
 
 from __future__ import annotations
@@ -138,6 +141,10 @@ class _Packed:
         return self
 
 
+def _meta(q, k, v, g) -> tuple:
+    return (q.dtype, k.dtype, v.dtype, g.dtype, g.dim(), q.shape[2], v.shape[-1])
+
+
 class ChunkedGLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, cu_seqlens, training=True):
@@ -149,7 +156,7 @@ class ChunkedGLA(torch.autograd.Function):
         save = training and state_bytes <= K.SAVE_STATES_BYTES
         o, finals, saved = K.forward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone, save=save)
         ctx.cfg = (scale, chunk_size, cu_seqlens)
-        ctx.meta = (q.dtype, k.dtype, v.dtype, g.dtype, g.dim(), q.shape[2], v.shape[-1])
+        ctx.meta = _meta(q, k, v, g)
         if save:
             # p.q / p.k may be views of q / k: saved as such, autograd's version check still
             # catches in-place changes to the inputs. b replaces g, which the backward never reads.
@@ -166,7 +173,6 @@ class ChunkedGLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         scale, C, cu_seqlens = ctx.cfg
-        q_dtype, k_dtype, v_dtype, g_dtype, g_dim, Hq, Dv = ctx.meta
         if ctx.packed is not None:
             initial_state, pq, pk, pv, bfull, states, A, finals = ctx.saved_tensors
             # A copy: the ctx keeps its tensor-free layout (a retained graph may run backward again).
@@ -176,35 +182,122 @@ class ChunkedGLA(torch.autograd.Function):
             q, k, v, g, initial_state = ctx.saved_tensors
             p = _Packed(q, k, v, g, scale, C, cu_seqlens)
             saved, g6 = None, p.g
-        init = None if initial_state is None else initial_state.float()
-        if do is None:
-            do = torch.zeros(p.B, p.T, Hq, Dv, dtype=q_dtype, device=p.q.device)
-        do6 = _pack(do, p.segs, p.R, p.N, C, p.H, p.G, do.shape[-1])
         need_dinit = initial_state is not None and ctx.needs_input_grad[4]
-        dfinal = None if dfinal is None else dfinal.float()
-        # Whole chunks, no documents, fp32: dq, dk, dg are written straight into the returned
-        # tensors through strided views (no unpack copy).
-        outs = None
-        if cu_seqlens is None and p.T % C == 0 and p.T and {q_dtype, k_dtype, g_dtype} == {torch.float32}:
-            Dk, Dg = p.q.shape[-1], g6.shape[-1]
-            full = [p.q.new_empty(p.B, p.T, h, d) for h, d in ((Hq, Dk), (p.H, Dk), (p.H, Dg))]
-            outs = (_view(full[0], C, p.H, p.G, Dk), _view(full[1], C, p.H, 1, Dk).squeeze(3))
-            outs += (_view(full[2], C, p.H, 1, Dg).squeeze(3),)
-        dq, dk, dv, dg, dinit = K.backward(
-            p.q, p.k, p.v, g6, init, p.plan, scale, p.monotone, do6, dfinal, need_dinit, saved=saved, outs=outs
-        )
-        if outs is not None:
-            dq, dk, dg = full
-        else:
-            dq = p.unpack(dq, q_dtype)
-            dk = p.unpack(dk.unsqueeze(3), k_dtype)
-            dg = p.unpack(dg.unsqueeze(3), g_dtype)
-        dv = p.unpack(dv.view(p.N, p.R, p.H, 1, C, -1), v_dtype)
-        if g_dim == 3:
-            dg = dg.squeeze(-1)
-        if dinit is not None:
-            dinit = dinit.to(initial_state.dtype)
-        return dq, dk, dv, dg, dinit, None, None, None, None
+        grads = _backward(p, saved, g6, initial_state, do, dfinal, scale, cu_seqlens, ctx.meta, need_dinit)
+        return *grads, None, None, None, None
+
+
+def _backward(p: _Packed, saved, g6, initial_state, do, dfinal, scale, cu_seqlens, meta, need_dinit):
+    """(dq, dk, dv, dg, dinit or None) of the packed inputs ``p`` (with the forward's ``saved``
+    tensors, or None to recompute the states)."""
+    C = p.C
+    q_dtype, k_dtype, v_dtype, g_dtype, g_dim, Hq, Dv = meta
+    init = None if initial_state is None else initial_state.float()
+    if do is None:
+        do = torch.zeros(p.B, p.T, Hq, Dv, dtype=q_dtype, device=p.q.device)
+    do6 = _pack(do, p.segs, p.R, p.N, C, p.H, p.G, do.shape[-1])
+    dfinal = None if dfinal is None else dfinal.float()
+    # Whole chunks, no documents, fp32: dq, dk, dg are written straight into the returned
+    # tensors through strided views (no unpack copy).
+    outs = None
+    if cu_seqlens is None and p.T % C == 0 and p.T and {q_dtype, k_dtype, g_dtype} == {torch.float32}:
+        Dk, Dg = p.q.shape[-1], g6.shape[-1]
+        full = [p.q.new_empty(p.B, p.T, h, d) for h, d in ((Hq, Dk), (p.H, Dk), (p.H, Dg))]
+        outs = (_view(full[0], C, p.H, p.G, Dk), _view(full[1], C, p.H, 1, Dk).squeeze(3))
+        outs += (_view(full[2], C, p.H, 1, Dg).squeeze(3),)
+    dq, dk, dv, dg, dinit = K.backward(
+        p.q, p.k, p.v, g6, init, p.plan, scale, p.monotone, do6, dfinal, need_dinit, saved=saved, outs=outs
+    )
+    if outs is not None:
+        dq, dk, dg = full
+    else:
+        dq = p.unpack(dq, q_dtype)
+        dk = p.unpack(dk.unsqueeze(3), k_dtype)
+        dg = p.unpack(dg.unsqueeze(3), g_dtype)
+    dv = p.unpack(dv.view(p.N, p.R, p.H, 1, C, -1), v_dtype)
+    if g_dim == 3:
+        dg = dg.squeeze(-1)
+    if dinit is not None:
+        dinit = dinit.to(initial_state.dtype)
+    return dq, dk, dv, dg, dinit
+
+
+# Under torch.compile the chunked GLA is one opaque op (``sbtrain::gla_chunked``): dynamo would
+# otherwise trace into the autograd.Function and break the graph at its host-side decisions (the
+# monotone-gate check, the chunks that need the exact pairwise form, the per-document loops), and
+# inductor would unroll the chunk scan. The compiled forward keeps only its inputs, so the
+# compiled backward recomputes the chunk states (the eager forward keeps them when they fit).
+@torch.library.custom_op("sbtrain::gla_chunked", mutates_args=())
+def _gla_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _Packed(q, k, v, g, scale, chunk_size, cu_seqlens)
+    init = None if initial_state is None else initial_state.float()
+    o, finals, _ = K.forward(p.q, p.k, p.v, p.g, init, p.plan, scale, p.monotone)
+    return p.unpack(o.view(p.N, p.R, p.H, p.G, p.C, -1), q.dtype), finals
+
+
+@_gla_op.register_fake
+def _(q, k, v, g, initial_state, scale, chunk_size, cu_seqlens):
+    B, T, Hq, Dk = q.shape
+    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    finals = q.new_empty(n, k.shape[2], Dk, v.shape[-1], dtype=torch.float32)
+    return q.new_empty(B, T, Hq, v.shape[-1]), finals
+
+
+@torch.library.custom_op("sbtrain::gla_chunked_backward", mutates_args=())
+def _gla_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: torch.Tensor | None,
+    need_dinit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _Packed(q, k, v, g, scale, chunk_size, cu_seqlens)
+    dq, dk, dv, dg, dinit = _backward(
+        p, None, p.g, initial_state, do, dfinal, scale, cu_seqlens, _meta(q, k, v, g), need_dinit
+    )
+    return dq, dk, dv, dg, (q.new_empty(0) if dinit is None else dinit)  # an op returns tensors only
+
+
+@_gla_backward_op.register_fake
+def _(q, k, v, g, initial_state, do, dfinal, scale, chunk_size, cu_seqlens, need_dinit):
+    dinit = torch.empty_like(initial_state) if need_dinit else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dinit
+
+
+def _gla_op_setup(ctx, inputs, output):
+    q, k, v, g, initial_state, scale, chunk_size, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
+    ctx.cfg = (scale, chunk_size)
+
+
+def _gla_op_backward(ctx, do, dfinal):
+    q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
+    scale, chunk_size = ctx.cfg
+    need_dinit = initial_state is not None and ctx.needs_input_grad[4]
+    if do is None:
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    dq, dk, dv, dg, dinit = _gla_backward_op(
+        q, k, v, g, initial_state, do, dfinal, scale, chunk_size, cu_seqlens, need_dinit
+    )
+    return dq, dk, dv, dg, (dinit if need_dinit else None), None, None, None
+
+
+_gla_op.register_autograd(_gla_op_backward, setup_context=_gla_op_setup)
 
 
 def gla_chunked(
@@ -227,7 +320,10 @@ def gla_chunked(
     # needs_input_grad is set even under no_grad: decide here whether a backward can follow.
     tensors = (q, k, v, g) + (() if initial_state is None else (initial_state,))
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    o, final = ChunkedGLA.apply(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens, training)
+    if torch.compiler.is_compiling():
+        o, final = _gla_op(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens)
+    else:
+        o, final = ChunkedGLA.apply(q, k, v, g, initial_state, scale, int(chunk_size), cu_seqlens, training)
     return o, (final if output_final_state else None)
 
 

@@ -44,6 +44,13 @@ class Routing:
     aux_loss: torch.Tensor  # scalar fp32: aux_loss_coef * balance + z_loss_coef * z
 
 
+def tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``bincount(ids, minlength=E)`` for ids in [0, E), with an output size known without the data:
+    bincount's depends on max(ids), which breaks a torch.compile graph at every call."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids.long(), torch.ones_like(expert_ids, dtype=torch.long))
+
+
 class Router(nn.Module):
     """Linear(hidden -> E, no bias) evaluated in fp32, softmax or sigmoid scores.
 
@@ -74,7 +81,7 @@ class Router(nn.Module):
         aux = logits.new_zeros(())
         if not self.training or not (cfg.aux_loss_coef or cfg.z_loss_coef):
             return Routing(expert_ids, weights, aux)
-        counts = torch.bincount(expert_ids.flatten(), minlength=E)
+        counts = tokens_per_expert(expert_ids.flatten(), E)
         num_tokens = x.shape[0]
         if token_group is not None:
             # Shares and means over the whole split token set: sum [counts..., N] over the group.
@@ -146,7 +153,7 @@ class MoE(nn.Module):
         expert_ids = routing.expert_ids.flatten()
         order = torch.argsort(expert_ids, stable=True)
         token_of = order // k  # assignment a belongs to token a // k
-        counts = torch.bincount(expert_ids, minlength=E)
+        counts = tokens_per_expert(expert_ids, E)
         self.last_tokens_per_expert = counts.detach()
         cap = self.capacity(N)
         if cap is not None:
