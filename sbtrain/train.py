@@ -102,8 +102,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     """Every piece of a run from its config; returns the trainer and the run's paths."""
     tcfg = OmegaConf.to_object(cfg.trainer)
     pcfg = OmegaConf.to_object(cfg.parallel)
-    ocfg = OmegaConf.to_object(cfg.optim)
-    ocfg.new_params.validate()
+    ocfg = OmegaConf.to_object(cfg.optim).validate()  # a bad lr / beta is named here, not by torch's AdamW
     ckcfg = OmegaConf.to_object(cfg.checkpoint)
     lcfg = OmegaConf.to_object(cfg.logger)
     OmegaConf.to_object(cfg.operators).apply()  # backend overrides + MetaX tuning, before any op runs
@@ -133,7 +132,7 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     for directory in datasets:
         check_vocab(directory, model_cfg.vocab_size)  # a token id >= vocab fails here, before training
     loader = loader_from_config(data_cfg, tcfg.seq_len, tcfg.global_batch_size, tcfg.micro_batch_size,
-                                dp_rank=mesh.dp_rank if mesh else 0, dp_size=dims.dp)
+                                dp_rank=mesh.dp_rank if mesh else 0, dp_size=dims.dp, max_steps=tcfg.max_steps)
     valid = PackedBatches(loader, tcfg.eval_batches * tcfg.micro_batch_size or None) if data_cfg.valid_fraction else None
 
     model = build_model(model_cfg, device=device)
@@ -159,10 +158,12 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     fpt = flops_per_token(model_cfg, tcfg.seq_len, active_body, counts["params_lm_head"] or counts["params_embedding"])
     peak, peak_source, peak_kind = peak_flops(device, tcfg.precision, tcfg.peak_flops)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if rank0:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    meta = {"git_revision": git_revision(), "config": resolved, "model": model_cfg.name}
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # config.yaml: written by train_run after the resume check
+    meta = {"git_revision": git_revision(), "config": resolved, "model": model_cfg.name,
+            # What a resume compares (resume_guard): the model actually built (init_from's, not the recipe's)
+            # and the tokenizer(s) of the data.
+            "model_config": OmegaConf.to_container(OmegaConf.structured(model_cfg)),
+            "tokenizer": dataset_tokenizers(datasets)}
     callbacks = []
     if lcfg.jsonl and rank0:
         callbacks.append(JSONLMetrics(out / "metrics.jsonl"))
@@ -183,7 +184,8 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
                               f"{model_cfg.vocab_size}: distillation needs the same tokenizer")
     trainer = Trainer(
         model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=PackedBatches(loader),
-        valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save),
+        valid_data=valid, checkpointer=Checkpointer(out / "checkpoints", ckcfg.keep_last, ckcfg.async_save,
+                                                      resume_guard(meta, tcfg.resume_model_change)),
         checkpoint_every=ckcfg.every, callbacks=callbacks, flops_per_token=fpt, peak_flops=peak, peak_kind=peak_kind, meta=meta,
         mesh=mesh, cp_linear=pcfg.cp_linear, engine=engine, teacher=teacher, distill_cfg=dcfg,
         expert_grad_divisor=layout["expert_grad_divisor"], grad_sync=pcfg.grad_sync,
@@ -191,6 +193,113 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     log.info("model %s: %s; %.3g FLOPs/token; peak %.3g FLOP/s (%s); device %s", model_cfg.name,
              json.dumps(counts), fpt, peak, peak_source, device)
     return trainer, {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "checkpoints": str(out / "checkpoints")}
+
+
+# Model fields that do not change what the weights mean (how a run trains, or how new weights
+# would be initialised): a resume may change them without trainer.resume_model_change=allow.
+RESUME_FREE_MODEL_FIELDS = ("name", "document_masking", "spike", "init_std", "moe.aux_loss_coef", "moe.z_loss_coef",
+                            "moe.aux_free_update_rate", "moe.capacity_factor")
+
+
+def dataset_tokenizers(datasets: list[str]) -> list[str]:
+    """The sha256 of the tokenizer(s) the built datasets were tokenized with (their manifests)."""
+    from sbtrain.data.build import read_manifest
+
+    found = set()
+    for directory in datasets:
+        try:
+            found.add(read_manifest(directory)["tokenizer"]["sha256"])
+        except (ConfigError, OSError, KeyError, TypeError, ValueError):
+            continue  # built elsewhere (no manifest) or moved away: nothing to compare
+    return sorted(found)
+
+
+def _leaves(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+_ABSENT = object()  # a key one side does not have (another sbtrain version), unlike a null value
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):  # in full: where two layer patterns differ may be anywhere
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return "absent" if value is _ABSENT else "null" if value is None else str(value)
+
+
+def _checkpoint_model(meta: dict) -> dict | None:
+    """The model a checkpoint holds: its ``model_config``, or (checkpoints written before it was
+    recorded) rebuilt from its run config; None when that is no longer possible."""
+    if "model_config" in meta:
+        return meta["model_config"]
+    from sbtrain.models.weights import load_config
+
+    config = meta.get("config") or {}
+    try:
+        init_from = (config.get("trainer") or {}).get("init_from")
+        model_cfg = load_config(init_from) if init_from else to_model_config(config["model"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        log.warning("cannot tell which model the checkpoint holds (%s): its architecture is not compared", exc)
+        return None
+    return OmegaConf.to_container(OmegaConf.structured(model_cfg))
+
+
+def resume_differences(checkpoint_meta: dict, run_meta: dict) -> list[str]:
+    """``key: checkpoint X vs this run Y`` for every model key (but RESUME_FREE_MODEL_FIELDS) and
+    the tokenizer that differ between a checkpoint and the run that would resume it."""
+    lines = []
+    theirs = _checkpoint_model(checkpoint_meta)
+    if theirs is not None:
+        a, b = _leaves(theirs, "model."), _leaves(run_meta["model_config"], "model.")
+        free = tuple(f"model.{f}" for f in RESUME_FREE_MODEL_FIELDS)
+        for key in sorted(set(a) | set(b)):
+            old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+            if not (key in free or key.startswith(tuple(f + "." for f in free))) and old != new:
+                lines.append(f"{key}: checkpoint {_show(old)} vs this run {_show(new)}")
+    old = checkpoint_meta.get("tokenizer")
+    if old is None:  # written before the tokenizer was recorded: the datasets it names, if still there
+        old = dataset_tokenizers(((checkpoint_meta.get("config") or {}).get("data") or {}).get("datasets") or [])
+    new = run_meta.get("tokenizer") or []
+    if old and new and old != new:
+        lines.append(f"tokenizer: checkpoint {', '.join(h[:12] for h in old)} (sha256 of the data's tokenizer) "
+                     f"vs this run {', '.join(h[:12] for h in new)}")
+    return lines
+
+
+def resume_guard(run_meta: dict, policy: str):
+    """The Checkpointer's ``check_meta``: refuse (before any tensor is loaded or any file of the run is
+    written) a checkpoint of another model, tokenizer or vocabulary, unless ``policy`` is allow."""
+
+    def check(path: Path, checkpoint_meta: dict) -> None:
+        differences = resume_differences(checkpoint_meta, run_meta)
+        if not differences:
+            return
+        if policy == "allow":
+            log.warning("resuming %s with a changed model (trainer.resume_model_change=allow): %s", path,
+                        "; ".join(differences))
+            return
+        raise ConfigError(
+            f"the checkpoint to resume, {path}, is of another model than this run: {'; '.join(differences)}. "
+            "Nothing was loaded or written. Continue it with the settings it was trained with (its meta.json holds "
+            "them), start a new run in another trainer.out_dir, or pass trainer.resume_model_change=allow to resume "
+            "it into this model on purpose (every tensor this model needs must be in the checkpoint)")
+
+    return check
+
+
+def record_run(cfg: DictConfig, trainer: Trainer, out: Path, resumed: dict | None) -> None:
+    """After the resume decision, so a refused resume leaves the run's record alone: the resolved
+    config.yaml, and on a resume metrics.jsonl cut back to the checkpoint's step with a marker."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if resumed is not None:
+        for cb in trainer.callbacks:
+            if isinstance(cb, JSONLMetrics):
+                cb.rewind(int(resumed["step"]), resumed["path"], tokens=resumed.get("tokens"))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -211,6 +320,7 @@ def train_run(cfg: DictConfig, on_start=None) -> dict:
     # then restart it from the newest checkpoint) instead of hanging until killed.
     with report_collective_timeouts(cfg.parallel.collective_timeout_s, lambda: f"step {trainer.step + 1}"):
         resumed = trainer.maybe_resume(cfg.trainer.resume)
+        record_run(cfg, trainer, Path(paths["out_dir"]), resumed)
         if on_start is not None:
             on_start(trainer, resumed)
         summary = trainer.fit()

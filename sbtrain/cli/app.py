@@ -4,14 +4,19 @@
 ``recipes/`` folder. Before Hydra runs, the overrides are composed once with Hydra's compose
 API; if that fails, the bad override is located and the error names it with the closest
 valid keys (``model.hiden_size=3`` -> ``did you mean model.hidden_size?``) or config choices
-(``model=sb7x`` -> ``sb7b``), then exits with status 2. A :class:`ConfigError` raised by the
-task (e.g. ``ModelConfig.validate``) is printed as one message, also with status 2.
+(``model=sb7x`` -> ``sb7b``), then exits with status 2. An error of the project's own kinds raised
+by the task is printed as one ``error: ...`` line without a traceback: a :class:`ConfigError` or a
+subclass (bad input: WeightsError, DataError, ConversionError, ...; status 2), a CheckpointError or
+NonFiniteLossError (status 1). ``SBTRAIN_DEBUG=1`` prints the traceback above that line as well.
+Any other exception is a bug and keeps Hydra's report with its traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,6 +31,8 @@ from sbtrain.config.model import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 EXIT_CONFIG_ERROR = 2
+EXIT_RUN_ERROR = 1  # a checkpoint that cannot be used, a run that diverged: not the overrides' fault
+DEBUG_ENV = "SBTRAIN_DEBUG"
 
 
 def dotted_keys(node, prefix: str = "") -> list[str]:
@@ -46,14 +53,25 @@ def group_options(group: str) -> list[str]:
 
 def suggest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     candidates = list(candidates)
+    parent, _, leaf = word.rpartition(".")
+    # A key put in the wrong group ("trainer.lr"): the same name in every other group, shallowest first.
+    moved = sorted((c for c in candidates if c != word and c.rpartition(".")[2] == leaf), key=lambda c: (c.count("."), c))
+    if moved:
+        return moved[:n]
     close = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
     if close:
         return close
-    # Compare the last component only: "trainer.max_stepz" vs keys under "trainer".
-    parent, _, leaf = word.rpartition(".")
+    # Compare the last component only: "trainer.max_stepz" vs keys under "trainer" ...
     siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
     leaves = difflib.get_close_matches(leaf, [c.rpartition(".")[2] for c in siblings], n=n, cutoff=0.5)
-    return [f"{parent}.{leaf_}" if parent else leaf_ for leaf_ in leaves]
+    if leaves:
+        return [f"{parent}.{leaf_}" if parent else leaf_ for leaf_ in leaves]
+    # ... then against every group's names ("trainer.warmup_step" -> "optim.warmup_steps").
+    by_leaf: dict[str, list[str]] = {}
+    for c in candidates:
+        by_leaf.setdefault(c.rpartition(".")[2], []).append(c)
+    found = difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.75)
+    return [c for name in found for c in sorted(by_leaf[name], key=lambda c: (c.count("."), c))][:n]
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -128,9 +146,24 @@ def precheck(config_name: str, argv: list[str]) -> str | None:
             return explain_override_error(config_name, overrides, exc)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
+    sys.exit(code)
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The status for an error whose message already says what to do; None for anything else."""
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG_ERROR
+    # Imported here: the checkpoint and trainer modules are heavy, and only a failing run needs them.
+    from sbtrain.trainer.checkpoint import CheckpointError
+    from sbtrain.trainer.trainer import NonFiniteLossError
+
+    return EXIT_RUN_ERROR if isinstance(exc, (CheckpointError, NonFiniteLossError)) else None
 
 
 def run_app(task: Callable[[DictConfig], object], config_name: str, argv: list[str] | None = None) -> None:
@@ -144,8 +177,13 @@ def run_app(task: Callable[[DictConfig], object], config_name: str, argv: list[s
     def guarded(cfg: DictConfig) -> object:
         try:
             return task(cfg)
-        except ConfigError as exc:
-            fail(str(exc))
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise  # a bug: Hydra's report, traceback included
+            if debugging():
+                traceback.print_exc()
+            fail(str(exc), code)
 
     guarded.__name__ = getattr(task, "__name__", "task")
     main = hydra.main(config_path=str(RECIPES_DIR), config_name=config_name, version_base="1.3")(guarded)

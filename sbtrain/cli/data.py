@@ -34,6 +34,11 @@ def build_dataset(cfg) -> dict:
 def task(cfg: DictConfig) -> None:
     manifest = build_dataset(cfg)
     summary = {k: manifest[k] for k in ("num_documents", "num_tokens", "max_token_id", "dtype", "skipped")}
+    # What the input checks let through (each also logged as a warning while building): printed, not only filed.
+    if manifest["bad_records"]["malformed_records"] or manifest["bad_records"]["empty_files"]:
+        summary["bad_records"] = manifest["bad_records"]
+    if manifest["invalid_utf8"]["replaced_bytes"]:
+        summary["invalid_utf8"] = {k: manifest["invalid_utf8"][k] for k in ("replaced_lines", "replaced_bytes")}
     summary["output"] = OmegaConf.select(cfg, "data.output")
     summary["tokenizer"] = manifest["tokenizer"]["path"]
     print(json.dumps(summary), flush=True)

@@ -19,6 +19,8 @@ from sbtrain.config.model import ConfigError
 
 FORMATS = ("json", "parquet", "text", "arrow")
 INVALID_UTF8_POLICIES = ("replace", "error")
+TEXT_UNITS = ("file", "paragraph")
+BAD_RECORD_POLICIES = ("error", "skip")
 TOKENIZER_KINDS = ("pretrained", "train_bpe")
 
 
@@ -56,6 +58,16 @@ class DataConfig:
     text_field: str = "text"
     streaming: bool = False  # iterate the files instead of materialising them (corpora larger than memory)
     invalid_utf8: str = "replace"  # replace (count the lines) | error (names file and line)
+    # Plain text (.txt/.text), the rule every command shares (sbtrain.data.sources.text_documents):
+    # file = the whole file is one document; paragraph = each block of non-blank lines is one.
+    # Newlines inside a document are kept as text either way.
+    text_unit: str = "file"
+    # A malformed JSON Lines record or an empty input file: error (names file:line) | skip (counted in
+    # the manifest and printed).
+    on_bad_record: str = "error"
+    # A file whose invalid-UTF-8 bytes exceed this fraction of its size is refused (it is binary or another
+    # encoding, and "replace" would turn it into garbage); below it the bytes become U+FFFD with a warning.
+    max_undecodable_fraction: float = 0.01
     num_proc: int = 1  # tokenizer worker processes
     output: str = "data/tokenized/corpus"  # directory: data.bin, data.idx, manifest.json
     overwrite: bool = False
@@ -70,12 +82,23 @@ class DataConfig:
     shuffle_window: int = 1024  # samples shuffled inside windows of this many samples
     per_domain_packing: bool = False  # pack documents of one dataset only into a sample
     document_boundaries: bool = False  # yield cu_seqlens for document masking
+    # A dataset smaller than its share of one global batch would be repeated within every step: refused
+    # unless this is true (then a warning gives the epoch count).
+    allow_repeat: bool = False
 
     def validate(self) -> DataConfig:
         if self.format is not None and self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r} is not one of {FORMATS} (or null to infer)")
         if self.invalid_utf8 not in INVALID_UTF8_POLICIES:
             raise ConfigError(f"data.invalid_utf8={self.invalid_utf8!r} is not one of {INVALID_UTF8_POLICIES}")
+        if self.text_unit not in TEXT_UNITS:
+            raise ConfigError(f"data.text_unit={self.text_unit!r} is not one of {TEXT_UNITS} (file: one document "
+                              "per file; paragraph: one per block of non-blank lines)")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ConfigError(f"data.on_bad_record={self.on_bad_record!r} is not one of {BAD_RECORD_POLICIES}")
+        if not 0.0 <= self.max_undecodable_fraction <= 1.0:
+            raise ConfigError(f"data.max_undecodable_fraction={self.max_undecodable_fraction} must be in [0, 1] "
+                              "(0.01: refuse a file with more than 1% invalid UTF-8 bytes)")
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc={self.num_proc} must be >= 1")
         if not self.text_field:

@@ -21,6 +21,8 @@ from sbtrain.config.stages import StageConfig
 PRECISIONS = ("fp32", "bf16")
 AC_MODES = ("none", "selective", "full")
 WANDB_MODES = ("offline", "online", "disabled")
+RESUME_MODEL_CHANGES = ("refuse", "allow")
+SCHEDULES = ("cosine", "wsd", "constant", "linear")  # sbtrain.trainer.optim implements each
 
 
 @dataclass
@@ -43,6 +45,9 @@ class TrainerConfig:
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, loss curve, resolved config
     resume: str = "auto"  # auto (newest good checkpoint in out_dir) | never | PATH
     init_from: str | None = None  # start a new run from a weights directory (sbtrain-convert output)
+    # A resumed checkpoint of another model / tokenizer / vocabulary: refuse (naming what differs) |
+    # allow (deliberate surgery: tensors the run needs must still be in the checkpoint, same shapes).
+    resume_model_change: str = "refuse"
     device: str = "auto"  # auto | cpu | cuda
     tf32: bool = True  # CUDA / MACA: fp32 matmuls on TF32 tensor cores (no effect on the CPU)
 
@@ -68,6 +73,9 @@ class TrainerConfig:
                               "(e.g. 989e12 for an H100 SXM in bf16), or null for the built-in table")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(f"trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+        if self.resume_model_change not in RESUME_MODEL_CHANGES:
+            raise ConfigError(f"trainer.resume_model_change={self.resume_model_change!r} is unknown; use one of "
+                              f"{RESUME_MODEL_CHANGES}")
         return self
 
 
@@ -126,6 +134,33 @@ class OptimConfig:
     clip_grad: float = 1.0  # on the global gradient norm (0: no clipping)
     foreach: bool | None = None
     new_params: NewParamsConfig = field(default_factory=NewParamsConfig)
+
+    def validate(self) -> OptimConfig:
+        """Every value torch's AdamW or the schedule would reject (or silently misuse), named as a
+        key=value. Comparisons are written so that NaN fails them too."""
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0 (the peak learning rate)")
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps={self.eps} must be > 0")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if not self.warmup_steps >= 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (the final lr is optim.lr x "
+                              "min_lr_ratio)")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1] (wsd: the share of steps "
+                              "that decay)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if not self.clip_grad >= 0:
+            raise ConfigError(f"optim.clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
+        self.new_params.validate()
+        return self
 
 
 @dataclass

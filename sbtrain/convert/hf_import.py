@@ -40,7 +40,7 @@ from sbtrain.convert.hf_source import (
 )
 from sbtrain.convert.upcycle import routed_expert_weight, shared_expert_weight, upcycle_factors
 from sbtrain.models.build import build_model, to_model_config
-from sbtrain.models.weights import save_weights
+from sbtrain.models.weights import save_weights, write_manifest
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -262,6 +262,7 @@ def convert_hf(cfg: ConvertConfig) -> Path:
         "overrides": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1))
+    write_manifest(out)  # again, now that the tokenizer and provenance are there: the manifest covers every file
     return out
 
 

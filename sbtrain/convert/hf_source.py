@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sbtrain.config.model import ConfigError, YarnConfig
 from sbtrain.models.weights import WeightsError, weight_files
@@ -67,7 +67,12 @@ def read_source(path: str | Path) -> HFSource:
         raise ConversionError(f"from_hf: {exc} (the converter reads safetensors only)") from exc
     source = HFSource(path, config, files)
     for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            handle = safe_open(str(file), framework="pt")  # parses (and checks) the header: before anything is written
+        except SafetensorError as exc:
+            raise ConversionError(f"from_hf: {file} is truncated or corrupt (safetensors: {exc}); download or copy "
+                                  "it again") from exc
+        with handle as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if files.get(name) != file:
                     continue  # listed in the index under another shard

@@ -1,17 +1,24 @@
 """Raw corpus -> megatron-core indexed dataset (``data.bin`` / ``data.idx``) + ``manifest.json``.
 
 Everything is written into ``<output>.tmp-<pid>`` and renamed into place at the end, so a crash
-never leaves a half-written dataset under the final name. One document per source record; every
-kept document ends with the EOD token; empty / whitespace-only / null records are skipped and
-counted per reason in the manifest.
+never leaves a half-written dataset under the final name; the next build of the same output removes
+the temp folders of builds whose process is gone (never one of a live build). One document per
+source record (plain text: per file or paragraph, :mod:`sbtrain.data.sources`); every kept document
+ends with the EOD token; empty / whitespace-only / null records are skipped and counted per reason
+in the manifest. Input checks (UTF-8, malformed records, empty files) run first, in
+:mod:`sbtrain.data.prepare`.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,13 +27,18 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from sbtrain.config.data import DataConfig, TokenizerConfig
-from sbtrain.data.sources import DataError, Source, check_utf8, fingerprint_file, load_source, resolve_sources
-from sbtrain.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe, vocab_info
+from sbtrain.data.prepare import check_empty, prepare_source
+from sbtrain.data.sources import DataError, Source, fingerprint_file, load_source, reader_error, resolve_sources
+from sbtrain.data.tokenizer import encode_texts, load_tokenizer, split_long, tokenizer_hash, train_bpe, vocab_info
 
 PREFIX = "data"  # <dir>/data.bin, <dir>/data.idx
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 BATCH = 1000
+OWNER = "_owner.json"  # in a temp folder: which host and process is building it
+DATASET_FILES = (f"{PREFIX}.bin", f"{PREFIX}.idx", MANIFEST)
+
+log = logging.getLogger(__name__)
 
 _WORKER_TOKENIZERS: dict[tuple[str, str | None], tuple] = {}
 
@@ -57,9 +69,9 @@ def encode_batch(texts: list, tok_path: str, eod_token: str | None) -> dict[str,
     """Token ids (EOD appended) and a skip reason ("" when kept) for each text."""
     tok, eod = _tokenizer_in_worker(tok_path, eod_token)
     reasons = [_skip_reason(t) or "" for t in texts]
-    kept = [t for t, r in zip(texts, reasons) if not r]
-    encoded = iter(tok(kept, add_special_tokens=False)["input_ids"]) if kept else iter(())
-    ids = [[] if r else list(next(encoded)) + [eod] for r in reasons]
+    encoded = iter(encode_texts(tok, [t for t, r in zip(texts, reasons) if not r]))
+    empty = np.zeros(0, dtype=np.int32)
+    ids = [empty if r else np.append(next(encoded), np.int32(eod)) for r in reasons]
     return {"input_ids": ids, "skip": reasons}
 
 
@@ -85,7 +97,7 @@ def _encoded_rows(ds, field_name: str, streaming: bool, num_proc: int, tok_path:
         mapped = ds.map(_map_batch, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc > 1 else None,
                         remove_columns=ds.column_names, desc="tokenize",
                         fn_kwargs={"field_name": field_name, "tok_path": tok_path, "eod_token": eod_token})
-        for row in mapped:
+        for row in mapped.with_format("numpy"):  # arrays, not lists of Python ints (9x smaller)
             yield row["input_ids"], row["skip"]
         return
     if num_proc <= 1:
@@ -107,14 +119,31 @@ def _encoded_rows(ds, field_name: str, streaming: bool, num_proc: int, tok_path:
             yield from zip(out["input_ids"], out["skip"])
 
 
-def _texts_for_bpe(loaded, limit: int | None) -> Iterator[str]:
+def _reading(src: Source, rows) -> Iterator:
+    """``rows``, with any loader failure while fetching one (streaming reads lazily) turned into an error naming
+    the file; what the caller does with a row (writing the .bin) is not wrapped."""
+    it = iter(rows)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as e:  # the message names the file; the chain keeps the original
+            raise DataError(f"{src.path} cannot be read as {src.format}: {reader_error(e)}: fix or remove the "
+                            "file") from e
+        yield row
+
+
+def _texts_for_bpe(sources: list[Source], loaded, limit: int | None) -> Iterator[str]:
     n = 0
-    for ds, field_name in loaded:
-        for row in ds:
+    for src, (ds, field_name) in zip(sources, loaded):
+        for row in _reading(src, ds):
             text = row.get(field_name)
             if _skip_reason(text):
                 continue
-            yield text
+            yield from split_long(text)  # bounded memory; the same words as the whole text (tokenizer.py)
             n += 1
             if limit is not None and n >= limit:
                 return
@@ -128,13 +157,17 @@ def build_indexed_dataset(data: DataConfig, tokenizer: TokenizerConfig) -> dict:
     if os.path.exists(output) and not data.overwrite:
         raise DataError(f"data.output={output} exists: choose another folder or set data.overwrite=true")
     sources = resolve_sources(list(data.paths), data.format)
+    remove_stale_temp_dirs(output)
     tmp = f"{output}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     scratch = os.path.join(tmp, "_scratch")  # HF cache and cleaned copies; deleted before the rename
     os.makedirs(scratch)
+    with open(os.path.join(tmp, OWNER), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
     try:
         manifest = _build(data, tokenizer, sources, tmp, scratch, output)
         shutil.rmtree(scratch)
+        os.remove(os.path.join(tmp, OWNER))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
         if os.path.exists(output):
@@ -155,19 +188,57 @@ def build_indexed_dataset(data: DataConfig, tokenizer: TokenizerConfig) -> dict:
     return manifest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(output: str) -> list[str]:
+    """Delete ``<output>.tmp-<pid>`` folders of builds killed before they could clean up; returns them.
+
+    Only folders made on this host (their ``_owner.json``, or none for a build killed before writing
+    it) whose process is gone: a concurrent build's folder, here or on another node sharing the file
+    system, is left alone. A reused pid keeps its folder until the next build after that process ends.
+    """
+    removed = []
+    for path in glob.glob(glob.escape(output) + ".tmp-*"):
+        m = re.fullmatch(r"\.tmp-(\d+)", path[len(output):])
+        if not m or not os.path.isdir(path) or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            with open(os.path.join(path, OWNER)) as f:
+                host = json.load(f).get("host")
+        except (OSError, ValueError):
+            host = None
+        if host not in (None, socket.gethostname()) or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a build (pid %s) that was killed before it finished", path, m.group(1))
+        removed.append(path)
+    return removed
+
+
 def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tmp: str, scratch: str,
            output: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     for src in sources:
         if src.format != "hub":
-            check_utf8(src, data.invalid_utf8, os.path.join(scratch, "utf8"))
+            prepare_source(src, data, os.path.join(scratch, "prepared"))
+    kept = [s for s in sources if not s.empty]
+    if not kept:
+        raise DataError(f"every file of data.paths={list(data.paths)} is empty or bad (see the warnings above): "
+                        "point data.paths at files with text")
     cache = os.path.join(scratch, "hf_cache")
-    loaded = [load_source(s, data.text_field, data.streaming, cache, data.hub_split) for s in sources]
-
+    loaded = [load_source(s, data.text_field, data.streaming, cache, data.hub_split) for s in kept]
     if tok_cfg.kind == "train_bpe":
         tok_path = os.path.abspath(tok_cfg.path) if tok_cfg.path else os.path.join(tmp, "tokenizer")
-        train_bpe(_texts_for_bpe(loaded, tok_cfg.train_max_documents), tok_path, tok_cfg.vocab_size,
+        train_bpe(_texts_for_bpe(kept, loaded, tok_cfg.train_max_documents), tok_path, tok_cfg.vocab_size,
                   tok_cfg.eod_token, tok_cfg.min_frequency)
     else:
         tok_path = os.path.abspath(tok_cfg.path)
@@ -181,21 +252,31 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
     per_source = []
     n_docs = n_tokens = 0
     max_id = -1
-    for src, (ds, field_name) in zip(sources, loaded):
-        docs = toks = 0
-        for ids, reason in _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token):
-            if reason:
-                skipped[reason] += 1
-                continue
-            arr = np.asarray(ids, dtype=np.int64)
-            max_id = max(max_id, int(arr.max()))
-            builder.add_document(arr.astype(dtype), [arr.size])
-            docs += 1
-            toks += arr.size
+    loaded_of = {id(src): pair for src, pair in zip(kept, loaded)}
+    for src in sources:
+        docs = toks = records = 0
+        if not src.empty:
+            ds, field_name = loaded_of[id(src)]
+            rows = _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token)
+            for ids, reason in _reading(src, rows):
+                records += 1
+                if reason:
+                    skipped[reason] += 1
+                    continue
+                arr = np.asarray(ids, dtype=np.int64)
+                max_id = max(max_id, int(arr.max()))
+                builder.add_document(arr.astype(dtype), [arr.size])
+                docs += 1
+                toks += arr.size
+            src.empty = records == 0  # parquet / arrow / hub: known only now
+            check_empty(src, data.on_bad_record)
         n_docs += docs
         n_tokens += toks
         entry = {"path": src.path, "format": src.format} if src.format == "hub" else fingerprint_file(src.path)
-        entry.update(format=src.format, documents=docs, tokens=toks, invalid_utf8_lines=len(src.replaced_lines))
+        entry.update(format=src.format, documents=docs, tokens=toks, invalid_utf8_lines=src.utf8.bad_lines,
+                     invalid_utf8_bytes=src.utf8.bad_bytes, undecodable_fraction=round(src.utf8.fraction, 6))
+        if src.bad_records or src.empty:
+            entry.update(bad_records=src.bad_records, first_bad_records=src.first_bad_records, empty=src.empty)
         per_source.append(entry)
     builder.finalize(get_idx_path(prefix))
     if n_docs == 0:
@@ -204,7 +285,8 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
     with open(get_idx_path(prefix), "rb") as f:
         idx_sha = hashlib.sha256(f.read()).hexdigest()
     tok_hash = tokenizer_hash(tok)
-    replaced = sum(len(s.replaced_lines) for s in sources)
+    replaced = sum(s.utf8.bad_lines for s in sources)
+    bad = {"malformed_records": sum(s.bad_records for s in sources), "empty_files": sum(s.empty for s in sources)}
     return {
         "version": MANIFEST_VERSION,
         # Identifies the token content: document structure (.idx) and the ids' meaning (tokenizer).
@@ -219,7 +301,12 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
                       "eod_id": eod_id, "eod_token": tok.convert_ids_to_tokens(eod_id)},
         "text_field": data.text_field,
         "skipped": dict(skipped),
-        "invalid_utf8": {"policy": data.invalid_utf8, "replaced_lines": replaced},
+        "text_unit": data.text_unit,
+        "invalid_utf8": {"policy": data.invalid_utf8, "replaced_lines": replaced,
+                         "replaced_bytes": sum(s.utf8.bad_bytes for s in sources),
+                         "max_undecodable_fraction": data.max_undecodable_fraction},
+        # Input skipped under data.on_bad_record=skip (with error, any of it stops the build).
+        "bad_records": {"policy": data.on_bad_record, **bad},
         "sources": per_source,
     }
 
@@ -232,8 +319,28 @@ def read_manifest(dataset_dir: str) -> dict:
         return json.load(f)
 
 
+def check_dataset_dir(dataset_dir: str, need_manifest: bool = True) -> None:
+    """A training input must be a folder written by sbtrain-data: say what is missing and how to make one
+    (megatron's reader would fail with a bare AssertionError)."""
+    need = DATASET_FILES if need_manifest else DATASET_FILES[:2]
+    if not os.path.isdir(dataset_dir):
+        problem = "does not exist" if not os.path.exists(dataset_dir) else "is a file, not a folder"
+    else:
+        missing = [f for f in need if not os.path.isfile(os.path.join(dataset_dir, f))]
+        if not missing:
+            return
+        problem = f"has no {' / '.join(missing)}"
+    where = "" if os.path.isabs(dataset_dir) else f" (from {os.getcwd()})"
+    raise DataError(
+        f"dataset {dataset_dir!r}{where} {problem}: a dataset is a folder written by sbtrain-data, holding "
+        f"{', '.join(DATASET_FILES)}; fix the path in data.datasets (empty: data.output), or build it with "
+        f"sbtrain-data data.paths=[...] data.output={dataset_dir}"
+    )
+
+
 def check_vocab(dataset_dir: str, vocab_size: int) -> int:
     """Fail before training if a token id of the dataset is >= the model's ``vocab_size``; returns the max id."""
+    check_dataset_dir(dataset_dir, need_manifest=False)
     manifest_path = os.path.join(dataset_dir, MANIFEST)
     if os.path.isfile(manifest_path):
         max_id = int(read_manifest(dataset_dir)["max_token_id"])

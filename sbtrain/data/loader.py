@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ from sbtrain.data.samples import (
 )
 from sbtrain.data.sources import DataError
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
 IGNORE_INDEX = -100  # label of padding in validation batches (torch cross_entropy's default ignore_index)
 
@@ -217,12 +219,47 @@ class PackedLoader:
                              for s, (e, p) in zip(self.sets, start["docs"])]}
 
 
+def check_repeats(loader: PackedLoader, allow_repeat: bool = False, valid_fraction: float = 0.0,
+                  max_steps: int | None = None) -> list[float]:
+    """Refuse (or, with ``allow_repeat``, warn about) a dataset smaller than its share of one global batch:
+    packing would silently cycle through it several times inside every step. Returns epochs per step
+    for each dataset. Also warns when a validation split holds less than one sequence."""
+    S, G = loader.seq_len + 1, loader.G
+    per_step = []
+    for s, w in zip(loader.sets, loader.packer.weights):
+        tokens = int(s.lengths[s.train_ids].sum())
+        epochs = w * G * S / tokens  # this dataset's tokens in one global batch / its training tokens
+        per_step.append(epochs)
+        held = len(s.valid_ids)
+        if valid_fraction and int(s.lengths[s.valid_ids].sum()) < S:
+            log.warning("the validation split of dataset %s holds %d tokens (%d documents), less than one sequence "
+                        "of seq_len+1=%d: its loss rests on one short padded sample; raise data.valid_fraction "
+                        "(now %g) or lower trainer.seq_len", s.dir, int(s.lengths[s.valid_ids].sum()), held, S,
+                        valid_fraction)
+        if epochs <= 1:
+            continue
+        share = "one global batch" if len(loader.sets) == 1 else f"its share (weight {w:.3g}) of one global batch"
+        run = f"; trainer.max_steps={max_steps} would take {max_steps * epochs:.0f} epochs of it" if max_steps else ""
+        kept = f", after holding out {held} documents for validation" if held else ""
+        message = (f"dataset {s.dir} holds {tokens // S} training sequences of seq_len+1={S} tokens ({tokens} tokens in "
+                   f"{len(s.train_ids)} document{'s' * (len(s.train_ids) != 1)}{kept}), fewer than {share} of {G} sequences "
+                   f"(trainer.global_batch_size={G}): every step would repeat it {epochs:.1f} times{run}")
+        if not allow_repeat:
+            raise DataError(f"{message}. Use more data, or a smaller trainer.global_batch_size or trainer.seq_len, or "
+                            "set data.allow_repeat=true to train on the repeats anyway")
+        log.warning("%s (allowed by data.allow_repeat=true)", message)
+    return per_step
+
+
 def loader_from_config(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                       dp_size: int = 1) -> PackedLoader:
-    """A :class:`PackedLoader` from a ``data`` config node (:class:`sbtrain.config.data.DataConfig`)."""
+                       dp_size: int = 1, max_steps: int | None = None) -> PackedLoader:
+    """A :class:`PackedLoader` from a ``data`` config node (:class:`sbtrain.config.data.DataConfig`), checked by
+    :func:`check_repeats` (``max_steps`` only makes its message give the run's epoch count)."""
     datasets = list(data_cfg.datasets) or [data_cfg.output]
-    return PackedLoader(datasets, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size,
-                        weights=list(data_cfg.weights) or None, seed=data_cfg.seed,
-                        shuffle_window=data_cfg.shuffle_window, valid_fraction=data_cfg.valid_fraction,
-                        split_seed=data_cfg.split_seed, per_domain_packing=data_cfg.per_domain_packing,
-                        document_boundaries=data_cfg.document_boundaries)
+    loader = PackedLoader(datasets, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size,
+                          weights=list(data_cfg.weights) or None, seed=data_cfg.seed,
+                          shuffle_window=data_cfg.shuffle_window, valid_fraction=data_cfg.valid_fraction,
+                          split_seed=data_cfg.split_seed, per_domain_packing=data_cfg.per_domain_packing,
+                          document_boundaries=data_cfg.document_boundaries)
+    check_repeats(loader, getattr(data_cfg, "allow_repeat", False), data_cfg.valid_fraction, max_steps)
+    return loader

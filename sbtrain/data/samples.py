@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sbtrain.data.build import dataset_prefix, read_manifest
+from sbtrain.data.build import check_dataset_dir, dataset_prefix, read_manifest
 from sbtrain.data.sources import DataError
 
 Segment = list[int]  # [d, doc, start, end]
@@ -44,6 +44,7 @@ class DocumentSet:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.dir = dataset_dir
+        check_dataset_dir(dataset_dir)
         self.manifest = read_manifest(dataset_dir)
         self.ds = IndexedDataset(dataset_prefix(dataset_dir))
         n = len(self.ds)

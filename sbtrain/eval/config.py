@@ -18,8 +18,11 @@ from sbtrain.eval.corpus import EvalError
 
 @dataclass
 class EvalDataConfig:
-    paths: list[str] = field(default_factory=list)  # local files / globs: .txt (one document each) or .jsonl
+    paths: list[str] = field(default_factory=list)  # local files / globs: .txt or .jsonl
     format: str | None = None  # json | text; None: from each file's extension
+    # plain text, the rule sbtrain-data uses too: file (a .txt is one document) | paragraph (one
+    # document per blank-line-separated block); newlines are kept as text either way
+    text_unit: str = "file"
     text_field: str = "text"  # jsonl field holding the text
     max_documents: int | None = None  # only the first N documents
 

@@ -1,8 +1,11 @@
 """Evaluation text -> one token stream -> scoring windows.
 
 Texts come from local files: plain text (``.txt``/``.raw``/``.text``, e.g. WikiText-2's
-``valid.txt``: the whole file is one document, newlines kept) or jsonl (one document per record,
-``data.text_field``). The stream is ``EOD d1 EOD d2 ... dn``: the leading EOD gives the first
+``valid.txt``) cut into documents by the rule ``sbtrain-data`` uses
+(:func:`sbtrain.data.sources.read_text_file`: by default the whole file is one document, newlines
+kept; ``text_unit="paragraph"``: one per block of non-blank lines), or jsonl (one document per
+record, ``data.text_field``). A file with more than 1% invalid UTF-8 bytes is refused, as in
+``sbtrain-data``. The stream is ``EOD d1 EOD d2 ... dn``: the leading EOD gives the first
 token of the text a context (as lm-evaluation-harness' rolling log-likelihood does) and the
 separators are never scored, so the scored tokens are exactly the text's tokens and bits per
 byte divides by exactly the text's UTF-8 bytes.
@@ -15,7 +18,6 @@ window did not (``stride == seq_len``: non-overlapping windows, every target sco
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,12 @@ from pathlib import Path
 import torch
 
 from sbtrain.config.model import ConfigError
+from sbtrain.data.sources import DecodeStats, decoded_lines, parse_json_line, read_text_file
 from sbtrain.eval.scoring import IGNORE
 
 TEXT_EXTENSIONS = (".txt", ".raw", ".text", ".tokens")
 JSON_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+MAX_UNDECODABLE_FRACTION = 0.01  # sbtrain-data's default data.max_undecodable_fraction
 
 
 class EvalError(ConfigError):
@@ -78,27 +82,39 @@ def file_format(path: str, declared: str | None) -> str:
     raise EvalError(f"cannot tell the format of {path!r} from its extension: set data.format=json or data.format=text")
 
 
+def _check_decoding(path: str, stats: DecodeStats) -> None:
+    if stats.fraction > MAX_UNDECODABLE_FRACTION:
+        raise EvalError(f"{path}: {stats.fraction:.1%} of its bytes ({stats.bad_bytes} of {stats.bytes}) are not valid "
+                        f"UTF-8 (more than {MAX_UNDECODABLE_FRACTION:.0%}): it is not UTF-8 text; convert it to UTF-8 "
+                        "or leave it out of data.paths")
+
+
+def _json_texts(path: str, text_field: str, stats: DecodeStats) -> list[str]:
+    texts = []
+    for lineno, line in decoded_lines(path, stats):
+        if not line.strip():
+            continue
+        record, why = parse_json_line(line)
+        if why:
+            raise EvalError(f"{path}:{lineno}: {why}: give jsonl (one JSON object per line), or data.format=text")
+        if text_field not in record:
+            raise EvalError(f"{path} line {lineno} has no field {text_field!r} (has {sorted(record)}): "
+                            f"set data.text_field to the field holding the text")
+        texts.append(record[text_field] if isinstance(record[text_field], str) else "")
+    return texts
+
+
 def read_texts(paths: list[str], fmt: str | None = None, text_field: str = "text",
-               max_documents: int | None = None) -> list[str]:
+               max_documents: int | None = None, text_unit: str = "file") -> list[str]:
     """The documents of ``paths`` (empty / whitespace-only ones dropped), in file order."""
     texts: list[str] = []
     for path in expand_paths(paths):
+        stats = DecodeStats()
         if file_format(path, fmt) == "text":
-            texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise EvalError(f"{path} line {lineno} is not JSON ({exc}): give jsonl, or data.format=text") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise EvalError(f"{path} line {lineno} has no field {text_field!r} (has {keys}): "
-                                    f"set data.text_field to the field holding the text")
-                texts.append(record[text_field] if isinstance(record[text_field], str) else "")
+            texts.extend(read_text_file(path, text_unit, stats))
+        else:
+            texts.extend(_json_texts(path, text_field, stats))
+        _check_decoding(path, stats)
     texts = [t for t in texts if t.strip()]
     if max_documents is not None:
         texts = texts[:max_documents]

@@ -97,7 +97,8 @@ def run(cfg) -> list[dict]:
     if cfg.stride not in (None, cfg.seq_len):
         raise EvalError(f"stride={cfg.stride}: loss_by_position uses non-overlapping windows (a position is the "
                         "context length within one window); drop stride=, or use sbtrain-eval ppl for sliding windows")
-    texts = read_texts(list(cfg.data.paths), cfg.data.format, cfg.data.text_field, cfg.data.max_documents)
+    texts = read_texts(list(cfg.data.paths), cfg.data.format, cfg.data.text_field, cfg.data.max_documents,
+                       text_unit=cfg.data.text_unit)
     results = []
     for label, ckpt in models_of(cfg):
         loaded = load_eval_model(ckpt, cfg.backend, cfg.tokenizer.path, cfg.dtype, cfg.device, cfg.tokenizer.eod_token)

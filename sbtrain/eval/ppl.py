@@ -78,7 +78,8 @@ def run(cfg) -> list[dict]:
     from sbtrain.eval.config import models_of
     from sbtrain.eval.loading import load_eval_model
 
-    texts = read_texts(list(cfg.data.paths), cfg.data.format, cfg.data.text_field, cfg.data.max_documents)
+    texts = read_texts(list(cfg.data.paths), cfg.data.format, cfg.data.text_field, cfg.data.max_documents,
+                       text_unit=cfg.data.text_unit)
     rows = []
     for label, ckpt in models_of(cfg):
         loaded = load_eval_model(ckpt, cfg.backend, cfg.tokenizer.path, cfg.dtype, cfg.device, cfg.tokenizer.eod_token)

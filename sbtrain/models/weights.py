@@ -9,24 +9,33 @@ Written by ``sbtrain-convert`` (a converted Transformer) and read by ``trainer.i
     <dir>/model.safetensors.index.json       {"metadata": {...}, "weight_map": {name: file}}
     <dir>/tokenizer/                         optional: the tokenizer the model was trained with
     <dir>/provenance.json                    optional: where the weights came from
+    <dir>/weights_manifest.json              size + sha256 of every other file, written last
 
 Tensor names are the model's state-dict names (HF's: ``model.layers.{i}.self_attn.q_proj.weight``);
 expert weights are ``[E, Din, Dout]``. safetensors only: loading never unpickles anything.
 Shards are written as they fill, so a caller that streams tensors (conversion) holds at most
 one shard in memory besides what it is computing.
+
+Damage is named, never loaded: the manifest is checked before a directory is read (a truncated or
+overwritten file is an error naming it; a directory written before manifests existed gets a
+warning), a file safetensors cannot parse is an error naming it, and every loaded float tensor
+must be finite (a NaN start would otherwise surface much later as a "diverged" run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sbtrain.config.model import ConfigError, ModelConfig
@@ -34,6 +43,15 @@ from sbtrain.config.model import ConfigError, ModelConfig
 CONFIG = "config.yaml"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MANIFEST = "weights_manifest.json"
+FIX = "re-run the conversion (sbtrain-convert ... overwrite=true) or copy the directory again"
+CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # isfinite runs on each
+
+log = logging.getLogger("sbtrain.weights")
+# Directories verified in this process, with the (name, size, mtime) of their files then: the
+# hashes are not recomputed by every reader (load_config, load_into, iter_weights) of one load.
+_VERIFIED: dict[str, tuple] = {}
+_WARNED: set[str] = set()
 
 
 # Config fields that change how a model is trained, not what its weights mean.
@@ -57,7 +75,79 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise WeightsError(f"{directory} is not an sbtrain weights directory: {CONFIG} is missing")
+    verify_weights(directory)  # the config is in the manifest too, and this is the first file a run reads
     return to_model_config(OmegaConf.load(path))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> Path:
+    """Write ``weights_manifest.json``: size and sha256 of every file under ``directory``. Called
+    last by every writer (again after a caller adds files, e.g. the converter's tokenizer)."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+    return directory / MANIFEST
+
+
+def verify_weights(directory: str | os.PathLike) -> None:
+    """Check every file the manifest lists (present, same size, same sha256); WeightsError names the
+    first damaged one. No manifest: a warning for an sbtrain directory (written before manifests),
+    nothing for a Hugging Face folder (which never has one)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        if (directory / CONFIG).is_file() and str(directory) not in _WARNED:
+            _WARNED.add(str(directory))
+            log.warning("%s has no %s (written by an older sbtrain): its files cannot be checked for damage; "
+                        "re-run the conversion to add one", directory, MANIFEST)
+        return
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{manifest} is unreadable ({exc}); {FIX}") from exc
+    paths = [manifest, *(directory / name for name in entries)]
+    signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (str(p),) for p in paths)
+    if _VERIFIED.get(str(directory.resolve())) == signature:
+        return
+    for name, entry in entries.items():
+        file = directory / name
+        if not file.is_file():
+            raise WeightsError(f"{file} is missing ({MANIFEST} lists it); {FIX}")
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise WeightsError(f"{file} has {size} bytes, {MANIFEST} says {entry['size']}: the file is truncated or "
+                               f"was not copied completely; {FIX}")
+        if _sha256(file) != entry["sha256"]:
+            raise WeightsError(f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt; {FIX}")
+    _VERIFIED[str(directory.resolve())] = signature
+
+
+@contextmanager
+def _open(path: Path):
+    """safe_open whose parse errors name the file (safetensors' own do not)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise WeightsError(f"{path} is truncated or corrupt (safetensors: {exc}); {FIX}") from exc
+
+
+def check_finite(name: str, tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    if tensor.dtype in CHECKED_DTYPES and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise WeightsError(f"tensor {name} in {path} holds {bad} non-finite values (NaN/Inf): the file is corrupt or "
+                           "the model diverged before it was saved; re-run the conversion or use an earlier checkpoint")
+    return tensor
 
 
 def save_weights(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, directory: str | os.PathLike,
@@ -109,6 +199,7 @@ def save_weights(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, 
         index = {"metadata": dict(metadata or {}), "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
     save_config(cfg, tmp)
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -116,8 +207,10 @@ def save_weights(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, 
 
 
 def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
-    """``{tensor name: file}`` of a weights directory (or any HF-style safetensors folder)."""
+    """``{tensor name: file}`` of a weights directory (or any HF-style safetensors folder), after
+    :func:`verify_weights`."""
     directory = Path(directory)
+    verify_weights(directory)
     if (directory / INDEX).is_file():
         weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
@@ -125,13 +218,13 @@ def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
             raise WeightsError(f"{directory}: shard(s) {missing} named in {INDEX} are missing; copy the complete folder")
         return {name: directory / f for name, f in weight_map.items()}
     if (directory / SINGLE).is_file():
-        with safe_open(str(directory / SINGLE), framework="pt") as f:
+        with _open(directory / SINGLE) as f:
             return {name: directory / SINGLE for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     raise WeightsError(f"{directory} holds no {SINGLE} and no {INDEX}")
 
 
 def iter_weights(directory: str | os.PathLike, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream tensors file by file (each file opened once, tensors read lazily)."""
+    """Stream tensors file by file (each file opened once, tensors read lazily, each checked finite)."""
     files = weight_files(directory)
     wanted = list(files) if names is None else list(names)
     by_file: dict[Path, list[str]] = {}
@@ -140,9 +233,13 @@ def iter_weights(directory: str | os.PathLike, names: Iterable[str] | None = Non
             raise WeightsError(f"{directory}: tensor {name!r} is missing")
         by_file.setdefault(files[name], []).append(name)
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             for key in keys:
-                yield key, f.get_tensor(key)
+                try:
+                    tensor = f.get_tensor(key)
+                except SafetensorError as exc:
+                    raise WeightsError(f"{path}: tensor {key} cannot be read ({exc}); {FIX}") from exc
+                yield key, check_finite(key, tensor, path)
 
 
 def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConfig:
@@ -171,4 +268,5 @@ def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConf
     return cfg
 
 
-__all__ = ["WeightsError", "iter_weights", "load_config", "load_into", "save_config", "save_weights", "weight_files"]
+__all__ = ["MANIFEST", "WeightsError", "iter_weights", "load_config", "load_into", "save_config", "save_weights",
+           "verify_weights", "weight_files", "write_manifest"]

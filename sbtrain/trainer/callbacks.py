@@ -29,10 +29,41 @@ class Callback:
 
 
 class JSONLMetrics(Callback):
-    """Appends one JSON object per logged step / evaluation to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step / evaluation to ``metrics.jsonl``.
+
+    A resume (:meth:`rewind`) first drops the records of steps after the checkpoint, which are about
+    to be redone, and writes one ``{"kind": "resume", "step": N, ...}`` line, so a reader never sees
+    two values for one step. Records without a step are kept: they belong to no step that is redone.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+
+    def rewind(self, step: int, checkpoint: str, tokens: int | None = None) -> int:
+        """Cut the file back to the records at or before ``step`` and mark the resume; returns how
+        many lines were dropped (a line cut short by a crash counts among them)."""
+        kept, dropped = [], 0
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+            if later:
+                dropped += 1
+            else:
+                kept.append(line)
+        kept.append(json.dumps({"kind": "resume", "step": step, "tokens": tokens, "checkpoint": str(checkpoint),
+                                "dropped": dropped}))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        os.replace(tmp, self.path)  # a crash now leaves the old file or the new one, never half of it
+        if dropped:
+            log.info("metrics.jsonl: dropped %d records after step %d (they are redone)", dropped, step)
+        return dropped
 
     def _write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,19 +186,22 @@ def _flatten(record: dict, prefix: str = "") -> dict:
 
 
 def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
-    """Training and validation loss against step, from a metrics.jsonl, as a PNG."""
+    """Training and validation loss against step, from a metrics.jsonl, as a PNG. Only ``train`` and
+    ``valid`` records count (``resume`` markers and other kinds are skipped); a step logged twice
+    (files written before resumes rewound them) is plotted once, with its last value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, valid = [], []
+    train_by_step, valid_by_step = {}, {}
     for line in Path(metrics_path).read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "train":
-            train.append((rec["step"], rec["loss"]))
+            train_by_step[rec["step"]] = rec["loss"]
         elif rec.get("kind") == "valid":
-            valid.append((rec["step"], rec["valid_loss"]))
+            valid_by_step[rec["step"]] = rec["valid_loss"]
+    train, valid = sorted(train_by_step.items()), sorted(valid_by_step.items())
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -38,6 +38,7 @@ import re
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +168,14 @@ def verify(path: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, async_save: bool = False,
+                 check_meta: Callable[[Path, dict], None] | None = None):
+        """``check_meta(path, meta)`` sees the meta.json of the checkpoint about to be loaded (after
+        it verified, before any tensor is read) and raises to refuse it (e.g. another model)."""
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 (the last good checkpoint is kept)")
         self.dir = Path(directory)
+        self.check_meta = check_meta
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: threading.Thread | None = None
@@ -278,6 +283,8 @@ class Checkpointer:
                     raise CheckpointError(f"checkpoint {candidate} is not usable: {reason}")
                 log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, reason)
                 continue
+            if self.check_meta is not None:
+                self.check_meta(candidate, json.loads((candidate / "meta.json").read_text()))
             return self._load(candidate, state)
         return None
 

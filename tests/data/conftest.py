@@ -41,13 +41,14 @@ def corpus(tmp_path_factory):
 
     docs_b = make_docs(300, seed=2, prefix="B")
     (root / "b").mkdir()
-    (root / "b" / "1.txt").write_text("\n".join(docs_b[:100]) + "\n\n", encoding="utf-8")  # blank line: skipped
+    # Plain text cut by data.text_unit=paragraph: blank lines (any number, whitespace-only too) separate documents.
+    (root / "b" / "1.txt").write_text("\n\n".join(docs_b[:100]) + "\n \n\n", encoding="utf-8")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": docs_b[100:200]}), root / "b" / "2.parquet")
     write_jsonl(root / "b" / "3.jsonl", docs_b[200:])
-    overrides = [f"data.paths=[{root}/b/*]", f"data.output={root}/b_out", "tokenizer=pretrained",
+    overrides = [f"data.paths=[{root}/b/*]", f"data.output={root}/b_out", "data.text_unit=paragraph", "tokenizer=pretrained",
                  f"tokenizer.path={manifest_a['tokenizer']['path']}"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):

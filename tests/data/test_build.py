@@ -26,7 +26,8 @@ def test_round_trip_and_manifest_counts(corpus):
     assert m["num_documents"] == len(docs) == len(corpus["docs_a"])
     assert m["num_tokens"] == sum(d.size for d in docs)
     assert m["skipped"] == {"empty": 3, "null": 1}
-    assert m["invalid_utf8"] == {"policy": "replace", "replaced_lines": 2}
+    assert m["invalid_utf8"] == {"policy": "replace", "replaced_lines": 2, "replaced_bytes": 4,
+                                 "max_undecodable_fraction": 0.01}
     assert m["sources"][0]["invalid_utf8_lines"] == 2 and m["sources"][0]["sha256_scope"] == "full"
     assert m["dtype"] == "uint16" and docs[0].dtype == np.uint16
     assert m["max_token_id"] == max(int(d.max()) for d in docs) < m["tokenizer"]["vocab_size"] == 300
@@ -39,7 +40,7 @@ def test_glob_over_text_parquet_jsonl(corpus):
     m = corpus["manifest_b"]
     assert [s["format"] for s in m["sources"]] == ["text", "parquet", "json"]
     assert [s["documents"] for s in m["sources"]] == [100, 100, 100]
-    assert m["skipped"] == {"empty": 1}  # the blank line of the text file
+    assert m["skipped"] == {} and m["text_unit"] == "paragraph"  # blank lines separate paragraphs, are no documents
     assert m["tokenizer"]["sha256"] == corpus["manifest_a"]["tokenizer"]["sha256"]
     tok, docs = _decode_all(corpus["b"], corpus["tokenizer"])
     assert [tok.decode(d.tolist()) for d in docs] == [t + "<|endoftext|>" for t in corpus["docs_b"]]
@@ -65,7 +66,8 @@ def test_missing_text_field_names_fields(tmp_path, corpus):
 @pytest.mark.parametrize("streaming,num_proc", [(True, 1), (True, 2), (False, 2)])
 def test_streaming_and_workers_give_the_same_tokens(tmp_path, corpus, streaming, num_proc):
     tok = TokenizerConfig(kind="pretrained", path=corpus["tokenizer"])
-    m, out = build(tmp_path, [corpus["root"] / "b" / "*"], tokenizer=tok, streaming=streaming, num_proc=num_proc)
+    m, out = build(tmp_path, [corpus["root"] / "b" / "*"], tokenizer=tok, streaming=streaming, num_proc=num_proc,
+                   text_unit="paragraph")
     assert m["fingerprint"] == corpus["manifest_b"]["fingerprint"]
     with open(os.path.join(out, "data.bin"), "rb") as f, open(os.path.join(corpus["b"], "data.bin"), "rb") as g:
         assert f.read() == g.read()
