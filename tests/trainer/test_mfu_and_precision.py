@@ -78,3 +78,13 @@ def test_tf32_is_set_for_cuda_only():
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_grad_sync_is_validated():
+    from sbtrain.config.model import ModelConfig
+    from sbtrain.config.parallel import ParallelConfig, validate_parallel
+
+    model = ModelConfig(name="t", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48).validate()
+    with pytest.raises(ConfigError, match=r"parallel.grad_sync='never' is unknown; use one of \('per_step'"):
+        validate_parallel(ParallelConfig(grad_sync="never"), 1, model, TrainerConfig(max_steps=1))
