@@ -1,5 +1,6 @@
 """Decode state: a constant-size recurrent state for linear attention, a ring of exactly W past
-keys/values for sliding-window attention, a growing cache for full attention.
+keys/values for sliding-window attention, a preallocated cache growing by an eighth for full
+attention.
 
 The caches are inference-only (filled under ``torch.no_grad()``); every row of the batch has
 the same length (no padding), and document masking does not apply to decoding.
@@ -22,9 +23,26 @@ class KVCache:
 
     def __init__(self, window: int | None):
         self.window = window
+        # window=None: preallocated buffers of ``capacity`` tokens, the first ``length`` filled; they
+        # grow by an eighth (at least GROW_MIN tokens) when full, so a decode step writes one slot
+        # instead of copying the whole cache (a torch.cat per token is O(T) a step, O(T^2) a reply).
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0  # tokens seen so far
+
+    GROW_MIN = 256
+
+    def _reserve(self, needed: int) -> None:
+        """Full attention: make room for ``needed`` tokens (amortised O(1) per decoded token)."""
+        capacity = self.k.shape[1]
+        if needed <= capacity:
+            return
+        new = max(needed, capacity + max(self.GROW_MIN, capacity // 8))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buf = old.new_empty(old.shape[0], new, *old.shape[2:])
+            buf[:, : self.length] = old[:, : self.length]
+            setattr(self, name, buf)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's keys/values ``[B,T,Hkv,D]`` (the cache must be empty)."""
@@ -33,7 +51,7 @@ class KVCache:
         T = k.shape[1]
         self.length = T
         if self.window is None:
-            self.k, self.v = k, v
+            self.k, self.v = k, v  # no copy: the prompt's own tensors until the first step grows them
             return
         W = self.window
         self.k = k.new_zeros(k.shape[0], W, *k.shape[2:])
@@ -49,10 +67,13 @@ class KVCache:
         if k.shape[1] != 1:
             raise ValueError(f"KVCache.step takes one token at a time, got {k.shape[1]}")
         if self.window is None:
-            self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
-            self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+            if self.k is None:
+                self.k, self.v = k.new_empty(k.shape[0], 0, *k.shape[2:]), v.new_empty(v.shape[0], 0, *v.shape[2:])
+            self._reserve(self.length + 1)
+            self.k[:, self.length] = k[:, 0]
+            self.v[:, self.length] = v[:, 0]
             self.length += 1
-            return self.k, self.v
+            return self.k[:, : self.length], self.v[:, : self.length]
         W = self.window
         filled = min(self.length, W)  # before the ring wraps, slot p holds token p
         keys = torch.cat([self.k[:, :filled], k], dim=1)
@@ -85,5 +106,9 @@ class DecodeCache:
             if layer.state is not None:
                 total += layer.state.numel() * layer.state.element_size()
             if layer.kv is not None and layer.kv.k is not None:
-                total += 2 * layer.kv.k.numel() * layer.kv.k.element_size()
+                kv = layer.kv
+                # The tokens held: the ring's W slots, or the filled part of a full-attention buffer
+                # (whose spare capacity, at most an eighth + GROW_MIN tokens, is not counted).
+                tokens = kv.k.shape[1] if kv.window is not None else kv.length
+                total += 2 * kv.k[:, :tokens].numel() * kv.k.element_size()
         return total

@@ -39,7 +39,7 @@ def test_prefill_then_decode_matches_forward(case):
         if kind in ("gla", "hybrid_swa", "hybrid_full"):
             assert layer.state.shape == (2, model.config.num_key_value_heads, 64, 64)
         if kind in ("full", "hybrid_full"):
-            assert layer.kv.k.shape[1] == T + steps
+            assert layer.kv.length == T + steps <= layer.kv.k.shape[1]  # preallocated, spare slots
 
 
 def test_greedy_generate_equals_repeated_forward_argmax():
@@ -62,3 +62,21 @@ def test_sampling_with_top_k_stays_in_top_k():
     with torch.no_grad():
         top3 = model(prompt, return_logits=True).logits[0, -1].topk(3).indices
     assert out[0, -1] in top3
+
+
+def test_full_attention_cache_writes_in_place_and_grows_by_an_eighth():
+    """A decode step writes one slot of a preallocated buffer; no per-token copy of the cache."""
+    from sbtrain.models.cache import KVCache
+
+    cache = KVCache(None)
+    k = torch.randn(1, 2000, 2, 8)
+    cache.prefill(k, k.clone())
+    keys, _ = cache.step(torch.ones(1, 1, 2, 8), torch.ones(1, 1, 2, 8))
+    grown = cache.k.shape[1]
+    assert grown == 2000 + max(KVCache.GROW_MIN, 2000 // 8)
+    assert torch.equal(keys[:, :2000], k) and torch.equal(keys[:, 2000], torch.ones(1, 2, 8))
+    ptr = cache.k.data_ptr()
+    for i in range(grown - 2001):
+        keys, _ = cache.step(torch.full((1, 1, 2, 8), float(i)), torch.zeros(1, 1, 2, 8))
+    assert cache.k.data_ptr() == ptr and keys.shape[1] == grown  # filled without reallocating
+    assert torch.equal(keys[:, -1], torch.full((1, 2, 8), float(grown - 2002)))
