@@ -3,6 +3,11 @@ single-process ``ops.gla`` over the full sequence: outputs and the grads of q, k
 
 One 4-process run per method covers every case: cp=4 on the whole world and cp=2 on two pairs
 (each pair runs half of the cases), so the file stays within a few process-group start-ups.
+
+Bounds, on max|diff| / max(1, max|ref|): the default ``chunked`` backend computes in fp32 chunks,
+so the split and unsplit runs differ by fp32 rounding: measured 1.4e-6, bound 5e-6. Under the
+float64 ``reference`` backend (``SBTRAIN_OPS=gla:reference``) nothing is fp32 and every case is
+held to 1e-11 (measured 7.2e-16), so a CP bug below fp32 noise still fails.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ D = 8
 DOCS_A = [0, 3, 8, 10, 12, 29, 32]
 # cp=2 and cp=4: a document starts exactly at 16 (and at 24 for cp=4); [0, 16) covers whole ranks.
 DOCS_B = [0, 16, 19, 24, 25, 32]
+
+CHUNKED_TOL = 5e-6  # fp32 chunks inside: measured 1.4e-6 (both methods)
+FLOAT64_TOL = 1e-11  # the float64 reference backend: measured 7.2e-16
 
 # (name, B, T, Hq, Hkv, gate, document bounds or None)
 CASES = [
@@ -100,7 +108,7 @@ def test_cp_gla_matches_single_process(method):
     errors = {key: value for per_rank in results for key, value in per_rank.items()}
     cases_seen = {(name, size) for name, size, _, _ in errors}
     assert cases_seen == {(c[0], size) for c in CASES for size in (2, 4)}
-    bad = {key: (err, ref) for key, (err, ref) in errors.items() if not err <= 1e-5 * max(1.0, ref)}
+    bad = {key: (err, ref) for key, (err, ref) in errors.items() if not err <= CHUNKED_TOL * max(1.0, ref)}
     assert not bad, f"{method}: (case, cp, rank, tensor) -> (max|Δ|, ‖ref‖∞) over tolerance: {bad}"
     # Every tensor is non-trivial, so a zero error is a real match and not an empty comparison.
     assert all(ref > 0 for _, ref in errors.values())
@@ -118,13 +126,14 @@ def _exact_worker(case_names):
 
 def test_cp_gla_exact_with_float64_reference_backend(monkeypatch):
     """The default backend computes in fp32, so the test above allows fp32 noise (~1e-6). Under the
-    token-by-token fp64 reference both sides are exact: a bug below fp32 noise shows up here."""
+    token-by-token fp64 reference both sides are exact: a bug below fp32 noise shows up here.
+    Every case, cp=4, both methods (about 1 s on top of the pool's start-up)."""
     monkeypatch.setenv("SBTRAIN_OPS", "gla:reference")  # copied into the workers' environment
-    names = ("batch2_perdim_gqa4x2", "docsA_keytied_gqa7x1")
+    names = tuple(case[0] for case in CASES)
     results = run_distributed(_exact_worker, WORLD, names, timeout=120)
     errors = {key: value for per_rank in results for key, value in per_rank.items()}
     assert len(errors) == 2 * len(names) * WORLD * 5
-    bad = {key: (err, ref) for key, (err, ref) in errors.items() if not err <= 1e-11 * max(1.0, ref)}
+    bad = {key: (err, ref) for key, (err, ref) in errors.items() if not err <= FLOAT64_TOL * max(1.0, ref)}
     assert not bad, f"(method, case, cp, rank, tensor) -> (max|Δ|, ‖ref‖∞) over tolerance: {bad}"
 
 

@@ -7,6 +7,9 @@ cover windows below, equal to and above the shard length (multi-hop halos) and w
 GQA with query-head padding and KV-head replication, B = 2, and packed documents crossing a shard
 boundary, starting exactly at one, and several per shard. The recorded halo traffic proves that
 keys masked by a document boundary are never sent.
+
+Everything is float64 with no fp32 step inside (the sdpa backend computes in the inputs' dtype),
+so the bound is float64's: max|diff| <= 1e-10 * max(1, max|ref|); measured 7.4e-16 (CP = 2 and 4).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from parallel.testing import run_distributed
 pytestmark = pytest.mark.distributed
 
 T, D = 32, 8
+TOL = 1e-10  # relative to max(1, max|ref|); float64 throughout, measured 7.4e-16
 DOCS_A = [0, 5, 8, 11, 13, 20, 31, 32]  # CP=4: starts at 8, crosses 16 and 24, several per shard; CP=2: crosses 16
 DOCS_B = [0, 3, 16, 17, 25, 32]  # starts exactly at 16; [3, 16) spans shards 0-1 at CP=4 (cuts a long halo)
 
@@ -116,7 +120,7 @@ def test_cp_softmax_matches_reference(cp_size):
             else:
                 got = torch.cat([per_rank[r][i][name] for r in range(cp_size)], dim=1)
             err = (got - ref_value).abs().max().item()
-            tol = 1e-5 * max(1.0, ref_value.abs().max().item())
+            tol = TOL * max(1.0, ref_value.abs().max().item())
             assert err <= tol, f"case {i} {CASES[i]} cp={cp_size}: {name} max|diff| {err:.3g} > {tol:.3g}"
         sent = sum(per_rank[r][i]["sent"].get("cp_swa_halo", 0) for r in range(cp_size))
         if window is not None:

@@ -9,6 +9,10 @@
 All cases run in one ``run_distributed`` call (a module fixture): worker start-up dominates.
 Routing choices are built with a wide margin (target logit ~4 above the rest), so fp32 rounding
 differences between the split and unsplit router matmuls cannot flip a top-k choice.
+Bounds on max|diff| / max(1, max|ref|): float64's 1e-10 (measured <= 2.8e-16; output and aux
+exactly equal) for everything but the router weight's gradient. The router runs in fp32 by design
+(``x.float() @ weight.float().t()``), so its weight gradient is an fp32 sum over tokens that the
+split runs add up in another order: measured 1.7e-8, bound 1e-7 (about one fp32 epsilon).
 """
 
 from __future__ import annotations
@@ -130,15 +134,20 @@ def results() -> list[dict]:
     return run_distributed(_all_cases_worker, WORLD, timeout=120)
 
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    tol = 1e-5 * max(1.0, ref.abs().max().item())
+FLOAT64_TOL = 1e-10
+ROUTER_GRAD_TOL = 1e-7  # the fp32 router's weight gradient
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, bound: float = FLOAT64_TOL) -> None:
+    tol = bound * max(1.0, ref.abs().max().item())
     err = (got - ref).abs().max().item()
     assert got.shape == ref.shape and err <= tol, f"{what}: max|diff|={err:.3g} > {tol:.3g}"
 
 
 def check_grads(results: list[dict], ref: dict) -> None:
     for name, g in ref["grads"].items():
-        assert_close(results[0]["grads"][name], g, f"grad {name}")
+        bound = ROUTER_GRAD_TOL if name == "router.weight" else FLOAT64_TOL
+        assert_close(results[0]["grads"][name], g, f"grad {name}", bound)
         assert g.abs().max() > 0, f"reference grad {name} is zero: the check would prove nothing"
     assert_close(torch.cat([r["x_grad"] for r in results]), ref["x_grad"], "input grad")
 
@@ -194,4 +203,5 @@ def test_ep_capacity_is_applied_per_source_rank(results):
     assert_close(torch.cat([r["y"] for r in results]), torch.cat([r["y"] for r in refs]), "output")
     assert_close(torch.cat([r["x_grad"] for r in results]), torch.cat([r["x_grad"] for r in refs]), "input grad")
     for name in refs[0]["grads"]:
-        assert_close(results[0]["grads"][name], refs[0]["grads"][name] + refs[1]["grads"][name], f"grad {name}")
+        bound = ROUTER_GRAD_TOL if name == "router.weight" else FLOAT64_TOL
+        assert_close(results[0]["grads"][name], refs[0]["grads"][name] + refs[1]["grads"][name], f"grad {name}", bound)

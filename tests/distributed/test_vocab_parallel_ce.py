@@ -70,7 +70,9 @@ def test_vocab_parallel_ce_matches_single_process(world):
     (want64 * 0.5).backward()
 
     results = run_distributed(_vocab_parallel_worker, world)
-    tol = {"atol": 1e-5, "rtol": 1e-5}
+    # fp32 op: measured |diff| <= 2.4e-7 on gradients of size ~1, 4.5e-6 on the summed loss (138)
+    # against the float64 truth; the loss is bit-equal to the single-process fp32 reference.
+    tol = {"atol": 1e-6, "rtol": 1e-6}
     covered = []
     for rank, r in enumerate(results):
         assert r["backend"] == "chunked"

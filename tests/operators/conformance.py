@@ -71,6 +71,42 @@ def assert_close(actual, expected, *, atol, rtol, name=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def rel_rms_error(actual, expected) -> float:
+    """``||a - b|| / ||b||`` in float64: the error of a tensor relative to its own size (the
+    measure fla's tests use)."""
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_rel_close(actual, expected, *, rel, atol, rtol, name=""):
+    """Bounds relative to the tensor's own size instead of its largest entry.
+
+    - the bulk: relative RMS error ``||a - b|| / ||b|| <= rel``;
+    - each entry: ``|a - b| <= rtol * |b| + atol * rms(b)``. ``atol`` is in units of the
+      tensor's RMS, so an entry that is small against the largest must still be right to a
+      small fraction of a typical entry: a sign flipped on the small entries fails here, while a
+      bound scaled by the largest entry (or the RMS error alone, when those entries carry little
+      of the norm) lets it through.
+    """
+    a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite values (an unwritten element?)"
+    err = (a - b).abs()
+    rms = float(b.pow(2).mean().sqrt())
+    relative = rel_rms_error(a, b)
+    assert relative <= rel, f"{name}: relative RMS error {relative:.2e} > {rel:.1e}"
+    excess = err - (rtol * b.abs() + atol * rms)
+    if (excess > 0).any():
+        i = int(excess.flatten().argmax())
+        n = int((excess > 0).sum())
+        raise AssertionError(
+            f"{name}: {n} of {b.numel()} entries off by more than {rtol:.1e} * |expected| + {atol:.1e} * rms "
+            f"(rms {rms:.3e}); worst at flat index {i}: {a.flatten()[i].item():.6e} vs {b.flatten()[i].item():.6e} "
+            f"(error {err.flatten()[i].item():.2e} = {err.flatten()[i].item() / max(rms, 1e-300):.2e} rms)"
+        )
+
+
 def tolerances(dtype: torch.dtype) -> dict:
     return {
         torch.float64: {"atol": 1e-9, "rtol": 1e-7},
