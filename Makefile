@@ -6,7 +6,7 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 # Keep freed memory for reuse instead of returning it to the OS: fresh >32 MB tensors otherwise
-# cost ~12 ms of page faults each and halve CPU kernel speed (DESIGN.md §7).
+# cost ~12 ms of page faults each and halve CPU kernel speed (docs/DESIGN_NOTES.md §7).
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 

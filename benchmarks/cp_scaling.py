@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     alloc = {k: os.environ.get(k) for k in ALLOC_VARS if os.environ.get(k)}
     print(f"torch {torch.__version__}, {args.threads} thread(s) per rank, allocator env: {alloc or 'glibc defaults'}")
     if not alloc:
-        print("  note: without CPU_ALLOC freed memory returns to the OS; run via `make bench-cp` (DESIGN.md §7)")
+        print("  note: without CPU_ALLOC freed memory returns to the OS; run via `make bench-cp` (docs/DESIGN_NOTES.md §7)")
     print(f"memory: {MEMORY_MEASURE}\ntraffic: {COMM_MEASURE}\nfp32, micro batch 1, cp_linear={args.cp_linear}")
     rows = []
     for name in args.models.split(","):

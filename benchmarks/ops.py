@@ -156,7 +156,7 @@ def main(argv=None):
     alloc = {k: os.environ.get(k) for k in ALLOC_VARS}
     print("allocator:", ", ".join(f"{k}={v}" for k, v in alloc.items() if v) or "glibc defaults (no overrides)")
     if not alloc["MALLOC_MMAP_MAX_"] and not alloc["LD_PRELOAD"]:
-        print("  note: fresh >32 MB tensors page-fault on every call; run via `make bench-ops` (DESIGN.md §7)")
+        print("  note: fresh >32 MB tensors page-fault on every call; run via `make bench-ops` (docs/DESIGN_NOTES.md §7)")
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, B=1 heads={args.heads} dim={args.dim} "
         f"fp32, GLA chunk {args.chunk}, per-dim gates, Hq=Hkv"

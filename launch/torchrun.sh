@@ -35,7 +35,7 @@ MAX_RESTARTS="${MAX_RESTARTS:-0}"
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-100}"
 SBTRAIN_MODULE="${SBTRAIN_MODULE:-sbtrain.train}"
 
-# CPU runs: keep freed memory for reuse instead of page-faulting fresh >32 MB tensors (DESIGN.md §7).
+# CPU runs: keep freed memory for reuse instead of page-faulting fresh >32 MB tensors (docs/DESIGN_NOTES.md §7).
 export MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-17179869184}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -1,4 +1,4 @@
-"""The spiking neuron of SpikingBrain (DESIGN.md §5) as a registered op: ``spike(x, k=3.0)``.
+"""The spiking neuron of SpikingBrain (docs/DESIGN_NOTES.md §5) as a registered op: ``spike(x, k=3.0)``.
 
 Integrate-and-fire with soft reset and an adaptive threshold, collapsed to one step: per token
 (over the last dim) ``V_th = mean(|x|) / k``, integer spike count ``s = round(x / V_th)``,

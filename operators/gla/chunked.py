@@ -2,7 +2,7 @@
 
 Same signature and semantics as ``operators.gla.reference.gla_reference``. The training path is
 a custom ``autograd.Function`` with an explicit backward (a reverse scan for dS; autograd
-through a chunk loop costs 3-15x the forward on CPU, DESIGN.md §7). The training forward keeps
+through a chunk loop costs 3-15x the forward on CPU, docs/DESIGN_NOTES.md §7). The training forward keeps
 the packed inputs, the cumulative gate and every chunk's entry state (up to
 ``chunk_kernels.SAVE_STATES_BYTES``), so the backward neither repacks nor recomputes states;
 beyond that it keeps only the inputs and recomputes the states from per-block entry states. The

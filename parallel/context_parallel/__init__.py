@@ -1,5 +1,5 @@
 """Context parallelism: each rank holds a contiguous shard of the sequence, and each mixer kind
-has its own distributed form (DESIGN.md §3, §7):
+has its own distributed form (docs/DESIGN_NOTES.md §3, §7):
 
 - linear attention (GLA, the hybrid's linear branch): LASP-2 state all-gather
   (``method="allgather"``) or a pipelined P2P scan of the state split along the key dim

@@ -1,4 +1,4 @@
-"""Sliding-window softmax attention under context parallelism: a halo exchange (DESIGN.md §3, §7).
+"""Sliding-window softmax attention under context parallelism: a halo exchange (docs/DESIGN_NOTES.md §3, §7).
 
 A query at global position p with window W sees keys ``[p - W, p]`` only, so a shard
 ``[start, start + t)`` needs, besides its own keys, the last W keys/values before ``start``: the

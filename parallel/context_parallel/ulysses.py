@@ -1,4 +1,4 @@
-"""Full causal softmax attention under context parallelism: Ulysses (DESIGN.md §3, §7).
+"""Full causal softmax attention under context parallelism: Ulysses (docs/DESIGN_NOTES.md §3, §7).
 
 Each rank holds a sequence shard of all heads. One all-to-all turns that into the *whole*
 sequence of a subset of heads, each rank runs ordinary attention over the full sequence (with the

@@ -83,7 +83,7 @@ def allocator_note() -> str:
     alloc = allocator_env()
     note = f"allocator env: {alloc or 'glibc defaults'}"
     if not alloc:
-        note += " (freed memory returns to the OS; run via make for the reuse-friendly setting, DESIGN.md section 7)"
+        note += " (freed memory returns to the OS; run via make for the reuse-friendly setting, docs/DESIGN_NOTES.md §7)"
     return note
 
 

@@ -1,4 +1,4 @@
-"""``sbtrain-spike stats|sweep ckpt=DIR data.path=DIR ...``: the spiking report (DESIGN.md §5).
+"""``sbtrain-spike stats|sweep ckpt=DIR data.path=DIR ...``: the spiking report (docs/DESIGN_NOTES.md §5).
 
 - ``stats``: one pass over the validation tokens with spikes on (k, coding): per spiked layer and
   overall the zero fraction, |s| histogram, spikes per channel per coding, silent channels and the

@@ -75,7 +75,7 @@ class MoEConfig:
 
 @dataclass
 class SpikeConfig:
-    """Spiking activations (DESIGN.md §5, ``sbtrain.models.spiking``): off, at eval only, or trained."""
+    """Spiking activations (docs/DESIGN_NOTES.md §5, ``sbtrain.models.spiking``): off, at eval only, or trained."""
 
     mode: str = "off"  # off | eval (only when the model is in eval mode, post hoc) | train (also in training, STE)
     k: float = 3.0  # V_th = mean(|x|) / k per token

@@ -1,6 +1,6 @@
 """``convert_hf(cfg)``: an HF Transformer folder -> an sbtrain weights directory for a hybrid target.
 
-Mapping (DESIGN.md §4/§6), by target tensor name (the model's state dict on the meta device
+Mapping (docs/DESIGN_NOTES.md §4/§6), by target tensor name (the model's state dict on the meta device
 lists them, so the output always matches :func:`sbtrain.models.weights.load_into`):
 
 - embeddings, RMSNorms, dense FFNs, lm_head: copied (tied embeddings are written under both names);

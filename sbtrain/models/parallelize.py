@@ -1,5 +1,5 @@
 """Tensor parallelism + Megatron-style sequence parallelism for every model of the zoo, as DTensor
-``parallelize_module`` plans (DESIGN.md §3: one plan per model, living with the model).
+``parallelize_module`` plans (docs/DESIGN_NOTES.md §3: one plan per model, living with the model).
 
 Layout over the ``tp`` mesh (size P), with ``sequence_parallel=True``:
 

@@ -1,4 +1,4 @@
-"""Spiking activations on a model's linear inputs (``model.spike``, DESIGN.md §5).
+"""Spiking activations on a model's linear inputs (``model.spike``, docs/DESIGN_NOTES.md §5).
 
 :func:`apply_spiking` registers a forward pre-hook on every module named in
 ``model.spike.targets`` (matched by the last component of the module name, ignoring the

@@ -1,4 +1,4 @@
-"""Energy per token of a spiking model from operation counts (45 nm figures, DESIGN.md §5).
+"""Energy per token of a spiking model from operation counts (45 nm figures, docs/DESIGN_NOTES.md §5).
 
 Per spiked linear layer with fan-in ``d_in`` and fan-out ``d_out`` (the matmul right after the spike):
 

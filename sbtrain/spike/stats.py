@@ -1,4 +1,4 @@
-"""Streaming statistics of spike counts (DESIGN.md §5): zero fraction, |s| histogram, spikes per
+"""Streaming statistics of spike counts (docs/DESIGN_NOTES.md §5): zero fraction, |s| histogram, spikes per
 channel under each coding, silent channels, and the report's "N-step window" sparsity.
 
 :class:`SpikeStats` is the ``recorder`` of :func:`sbtrain.models.spiking.apply_spiking`: it gets

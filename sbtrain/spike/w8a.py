@@ -1,4 +1,4 @@
-"""W8ASpike (DESIGN.md §5): int8 weights and spike activations, as a fake-quant path inside sbtrain.
+"""W8ASpike (docs/DESIGN_NOTES.md §5): int8 weights and spike activations, as a fake-quant path inside sbtrain.
 
 Weights: symmetric int8, one scale per output channel and per group of ``group_size`` (128)
 consecutive input channels (the last group of a row may be shorter: ``d_in`` need not be a

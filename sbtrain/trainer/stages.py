@@ -3,7 +3,7 @@
 Layout: stage ``S`` of a run lives in ``<trainer.out_dir>/S/`` (its own checkpoints, metrics, config)
 and, once it has trained to its end, holds ``stage_done.json`` naming its final checkpoint.
 
-How a stage starts (DESIGN.md §6):
+How a stage starts (docs/DESIGN_NOTES.md §6):
 
 - its own checkpoint exists: the ordinary exact resume (``trainer.resume=auto``) inside the stage;
 - else, the first stage: a fresh run (or ``trainer.init_from``, a converted model);

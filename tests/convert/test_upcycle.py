@@ -1,4 +1,4 @@
-"""What MoE upcycling rests on (DESIGN.md §4), on sbtrain's own MoE module in float64.
+"""What MoE upcycling rests on (docs/DESIGN_NOTES.md §4), on sbtrain's own MoE module in float64.
 
 Setting: softmax router WITHOUT top-k renormalisation, router weights 0 (uniform p = 1/N),
 k of N routed experts plus S shared ones, each a scaled copy of the dense FFN F. The MoE

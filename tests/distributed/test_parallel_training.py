@@ -1,5 +1,5 @@
 """Every parallel layout trains exactly like one process: loss and every parameter's gradient
-over 3 SGD steps, through the real Trainer (DESIGN.md §8; issue: per tensor
+over 3 SGD steps, through the real Trainer (docs/DESIGN_NOTES.md §8; issue: per tensor
 max|Δ| <= 1e-5 * max(1, |ref|inf))."""
 
 from __future__ import annotations

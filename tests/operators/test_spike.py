@@ -11,7 +11,7 @@ from operators.spike import spike, spike_reference
 
 
 def formula(x: torch.Tensor, k: float) -> torch.Tensor:
-    """DESIGN.md §5 written out independently in float64: V_th * round(x / V_th) per token."""
+    """docs/DESIGN_NOTES.md §5 written out independently in float64: V_th * round(x / V_th) per token."""
     x = x.double()
     v_th = x.abs().mean(-1, keepdim=True) / k
     return v_th * torch.round(x / v_th)
