@@ -106,7 +106,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         # (3 matmuls per chunk instead of 4, the same work as materialised logits).
         eager = group is None and (need_h or need_w)
         grad_h = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if eager and need_h else None
-        grad_w = torch.zeros_like(w32) if eager and need_w else None
+        grad_w = torch.zeros(w32.shape, dtype=torch.float32, device=w32.device) if eager and need_w else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h32 = _operand(hidden[s:e], ctx.mm_dtype)

@@ -184,3 +184,23 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_logits():
     assert result["peak_mib"] < full_mib / 8
     # Random head, d=16: a per-token loss near log(v) + O(|logits|) shows real work was done.
     assert 5.0 < result["loss_per_token"] < 60.0
+
+
+def test_fp32_output_gemm_path_keeps_fp32_accumulators(monkeypatch):
+    """The CUDA path (bf16 operands kept as bf16, mm(..., out_dtype=float32)) emulated on the CPU:
+    the same numbers as the widening path, and the [V, d] weight-gradient accumulator stays fp32."""
+    import operators.chunked_cross_entropy as cce
+
+    hidden, weight, labels = make_case(37, 24, 101, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        widened = linear_cross_entropy_chunked(hidden, weight, labels, chunk_size=8)
+    want = torch.autograd.grad(widened, (hidden, weight))
+    monkeypatch.setitem(cce._OUT_DTYPE_MM, "cpu", True)
+    monkeypatch.setattr(cce, "_mm", lambda a, b: a @ b if a.dtype == torch.float32 else a.float() @ b.float())
+    for chunk_size in (8, 64):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy_chunked(hidden, weight, labels, chunk_size=chunk_size)
+        got = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.item() == pytest.approx(widened.item(), rel=1e-6)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == torch.float32 and _rel(g, w) <= 1e-6
