@@ -19,12 +19,14 @@ The device choice is the platform probe's (``operators.platform``), handed to
 ``deepspeed.accelerator``; DeepSpeed reuses the process group that is already initialised (gloo on
 the CPU, NCCL / MCCL on GPUs).
 
-Checkpoints go through our DCP :class:`~sbtrain.trainer.checkpoint.Checkpointer`:
-:meth:`DeepSpeedEngine.state_dict` returns full (unsharded) model tensors under the names of
-``model.state_dict()`` - so a DeepSpeed checkpoint loads into the FSDP path or a plain model - and
-the optimizer state as full fp32 tensors per parameter name (gathered with DeepSpeed's
-``safe_get_full_optimizer_state``), which makes it independent of the ZeRO stage and DP size.
-Every rank holds the full tensors while saving: fine up to a few billion parameters per node.
+Checkpoints go through our DCP :class:`~sbtrain.trainer.checkpoint.Checkpointer` under the names
+of ``model.state_dict()`` (so a DeepSpeed checkpoint loads into the FSDP path or a plain model and
+vice versa), the optimizer state per parameter name in fp32, independent of the ZeRO stage and
+DP size. :meth:`DeepSpeedEngine.checkpoint_state_dict` (what the trainer saves) is, for ZeRO-3,
+this rank's own partitions as sharded tensors of the global shapes
+(:mod:`parallel.deepspeed_sharded`): no rank gathers anything, and DCP reshards on load. ZeRO-1/2
+still return full tensors gathered on every rank (:meth:`DeepSpeedEngine.state_dict`, also the
+full-tensor view tests use): fine up to a few billion parameters per node.
 
 The trainer runs forwards through ``.module`` (not ``DeepSpeedEngine.forward``), so a forward
 pre-hook does DeepSpeed's per-forward bookkeeping: without it ZeRO-3 never advanced its micro-step
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from operators.platform import communication_backend, detect_platform
+from parallel.deepspeed_sharded import load_zero3, zero3_state_dict
 
 log = logging.getLogger("sbtrain.parallel")
 
@@ -169,6 +172,7 @@ class DeepSpeedEngine:
         # Names of the parameters and state-dict entries, taken before ZeRO-3 partitions anything.
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._state_keys = list(model.state_dict().keys())
+        self._key_params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: every name
         optim = optimizer(model) if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) \
             else optimizer
         if offload_optimizer and isinstance(optim, (torch.optim.Adam, torch.optim.AdamW)):
@@ -264,15 +268,17 @@ class DeepSpeedEngine:
                               "(training) or SGD (tests)")
         if isinstance(inner, torch.optim.SGD) and inner.defaults.get("dampening", 0):
             raise ValueError("DeepSpeedEngine: SGD with dampening != 0 is not supported; set dampening=0")
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                state = inner.state[flat]
-                if state:
-                    continue
-                if not isinstance(inner, torch.optim.SGD):
-                    state["step"] = 0 if type(inner).__name__ == "DeepSpeedCPUAdam" else torch.zeros(())
-                for key in self._optim_keys():
-                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        flats = [flat for group in inner.param_groups for flat in group["params"]]
+        # ZeRO-3 puts its fp32 groups into the inner optimizer's param_groups only during step().
+        flats += [f for f in getattr(self.optimizer, "fp32_partitioned_groups_flat", []) if not any(f is x for x in flats)]
+        for flat in flats:
+            state = inner.state[flat]
+            if state:
+                continue
+            if not isinstance(inner, torch.optim.SGD):
+                state["step"] = 0 if type(inner).__name__ == "DeepSpeedCPUAdam" else torch.zeros(())
+            for key in self._optim_keys():
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 per-parameter views
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
@@ -310,11 +316,7 @@ class DeepSpeedEngine:
             if not isinstance(self.optimizer.optimizer, torch.optim.SGD):
                 entry["step"] = torch.tensor(step)
             state[name] = entry
-        groups = []
-        for meta, group, params in zip(self._groups_meta, self.optimizer.param_groups, self._client_params):
-            names = [self._param_names[id(p)] for p in params]
-            groups.append({**{k: group.get(k, v) for k, v in meta.items()}, "params": names})
-        return {"model": model_sd, "optim": {"state": state, "param_groups": _jsonable_groups(groups)}}
+        return {"model": model_sd, "optim": {"state": state, "param_groups": self.state_dict_groups()}}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -322,6 +324,9 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         model_sd = state_dict["model"]
+        if self.zero_stage == 3:  # sharded (usually loaded in place) or full: each rank takes its boxes
+            load_zero3(self, state_dict)
+            return
         with self._gathered(modifier_rank=0):
             self.module.load_state_dict(model_sd)
         for name, p in self._named_params():
@@ -336,6 +341,10 @@ class DeepSpeedEngine:
                                "load weights only (drop 'optim') or resume from a checkpoint of this model")
             for key in self._optim_keys():
                 safe_set_full_optimizer_state(p, state[name][key].to(torch.float32), key)
+        self._load_step_and_groups(optim)
+
+    def _load_step_and_groups(self, optim: dict) -> None:
+        state = optim["state"]
         steps = [float(s["step"]) for s in state.values() if "step" in s]
         if steps:
             inner = self.optimizer.optimizer
@@ -344,6 +353,33 @@ class DeepSpeedEngine:
                     st["step"] = int(steps[0]) if isinstance(st["step"], int) else torch.tensor(steps[0])
         for group, saved in zip(self.optimizer.param_groups, optim.get("param_groups", [])):
             group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})
+
+    # -- ZeRO-3: each rank saves and loads its own partitions (parallel/deepspeed_sharded.py) ----
+    def checkpoint_state_dict(self) -> dict:
+        """What the trainer checkpoints. ZeRO-3: :meth:`state_dict`'s keys and global shapes, but
+        the fp32 weights and optimizer moments are ``ShardedTensor`` views of this rank's own
+        partitions (:mod:`parallel.deepspeed_sharded`), so no rank ever holds a full tensor.
+        ZeRO-1/2: full tensors (:meth:`state_dict`) for now; their per-parameter fragments
+        (``param._hp_mapping``) could be described the same way. Collective; the trainer's
+        load template too."""
+        if self.zero_stage != 3:
+            return self.state_dict()
+        return zero3_state_dict(self)
+
+    def state_dict_groups(self) -> list[dict]:
+        groups = []
+        for meta, group, params in zip(self._groups_meta, self.optimizer.param_groups, self._client_params):
+            names = [self._param_names[id(p)] for p in params]
+            groups.append({**{k: group.get(k, v) for k, v in meta.items()}, "params": names})
+        return _jsonable_groups(groups)
+
+    def _gathered_frozen(self, modifier_rank):
+        frozen = [p for p in self._key_params.values() if not p.requires_grad]
+        if self.zero_stage == 3 and frozen:
+            from deepspeed.runtime.zero import GatheredParameters
+
+            return GatheredParameters(frozen, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
 
     def _gathered(self, modifier_rank):
         if self.zero_stage == 3:

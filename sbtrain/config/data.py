@@ -85,6 +85,9 @@ class DataConfig:
     # A dataset smaller than its share of one global batch would be repeated within every step: refused
     # unless this is true (then a warning gives the epoch count).
     allow_repeat: bool = False
+    # Global batches built ahead in a background thread while the step runs (0 = off). The checkpointed
+    # loader state counts only the batches training received, so a resume is exact either way.
+    prefetch: int = 2
 
     def validate(self) -> DataConfig:
         if self.format is not None and self.format not in FORMATS:
@@ -114,6 +117,8 @@ class DataConfig:
             raise ConfigError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
         if self.shuffle_window < 1:
             raise ConfigError(f"data.shuffle_window={self.shuffle_window} must be >= 1 (1 = no shuffle)")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch={self.prefetch} must be >= 0 (batches built ahead; 0 = off)")
         return self
 
     def train_datasets(self) -> list[str]:

@@ -153,7 +153,7 @@ class PackedLoader:
         of steps; padding tokens are EOD in input_ids and IGNORE_INDEX in labels.
         """
         S = self.seq_len + 1
-        n_tokens = sum(int(s.lengths[s.valid_ids].sum()) for s in self.sets)
+        n_tokens = sum(s.valid_tokens for s in self.sets)
         if n_tokens == 0:
             raise DataError("no validation documents: set data.valid_fraction > 0")
         n = -(-n_tokens // S)
@@ -227,14 +227,14 @@ def check_repeats(loader: PackedLoader, allow_repeat: bool = False, valid_fracti
     S, G = loader.seq_len + 1, loader.G
     per_step = []
     for s, w in zip(loader.sets, loader.packer.weights):
-        tokens = int(s.lengths[s.train_ids].sum())
+        tokens = s.train_tokens
         epochs = w * G * S / tokens  # this dataset's tokens in one global batch / its training tokens
         per_step.append(epochs)
         held = len(s.valid_ids)
-        if valid_fraction and int(s.lengths[s.valid_ids].sum()) < S:
+        if valid_fraction and s.valid_tokens < S:
             log.warning("the validation split of dataset %s holds %d tokens (%d documents), less than one sequence "
                         "of seq_len+1=%d: its loss rests on one short padded sample; raise data.valid_fraction "
-                        "(now %g) or lower trainer.seq_len", s.dir, int(s.lengths[s.valid_ids].sum()), held, S,
+                        "(now %g) or lower trainer.seq_len", s.dir, s.valid_tokens, held, S,
                         valid_fraction)
         if epochs <= 1:
             continue
@@ -252,9 +252,10 @@ def check_repeats(loader: PackedLoader, allow_repeat: bool = False, valid_fracti
 
 
 def loader_from_config(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                       dp_size: int = 1, max_steps: int | None = None) -> PackedLoader:
+                       dp_size: int = 1, max_steps: int | None = None):
     """A :class:`PackedLoader` from a ``data`` config node (:class:`sbtrain.config.data.DataConfig`), checked by
-    :func:`check_repeats` (``max_steps`` only makes its message give the run's epoch count)."""
+    :func:`check_repeats` (``max_steps`` only makes its message give the run's epoch count), wrapped in a
+    :class:`sbtrain.data.prefetch.PrefetchLoader` (same batches and state) when ``data.prefetch`` > 0."""
     datasets = list(data_cfg.datasets) or [data_cfg.output]
     loader = PackedLoader(datasets, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size,
                           weights=list(data_cfg.weights) or None, seed=data_cfg.seed,
@@ -262,4 +263,9 @@ def loader_from_config(data_cfg, seq_len: int, global_batch_size: int, micro_bat
                           split_seed=data_cfg.split_seed, per_domain_packing=data_cfg.per_domain_packing,
                           document_boundaries=data_cfg.document_boundaries)
     check_repeats(loader, getattr(data_cfg, "allow_repeat", False), data_cfg.valid_fraction, max_steps)
+    depth = int(getattr(data_cfg, "prefetch", 0))
+    if depth > 0:
+        from sbtrain.data.prefetch import PrefetchLoader
+
+        return PrefetchLoader(loader, depth)
     return loader

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sbtrain.data.build import check_dataset_dir, dataset_prefix, read_manifest
+from sbtrain.data.index_cache import DocumentIndex
 from sbtrain.data.sources import DataError
 
 Segment = list[int]  # [d, doc, start, end]
@@ -48,10 +49,12 @@ class DocumentSet:
         self.manifest = read_manifest(dataset_dir)
         self.ds = IndexedDataset(dataset_prefix(dataset_dir))
         n = len(self.ds)
-        if not np.array_equal(self.ds.document_indices, np.arange(n + 1)):
+        # Views of megatron's memory-mapped .idx (int32 lengths): no per-document copy on any rank. The split
+        # and the epoch orders are built once per node and memory-mapped (sbtrain.data.index_cache).
+        self.lengths = self.ds.sequence_lengths
+        if self.ds.document_indices.size != n + 1:
             raise DataError(f"{dataset_dir}: documents made of several sequences are not supported; rebuild it "
                             "with sbtrain-data (one sequence per document)")
-        self.lengths = self.ds.sequence_lengths.astype(np.int64)
         n_valid = round(valid_fraction * n)
         if valid_fraction > 0 and n_valid == 0:
             n_valid = 1
@@ -59,9 +62,12 @@ class DocumentSet:
             raise DataError(f"data.valid_fraction={valid_fraction} leaves no training document in {dataset_dir} "
                             f"({n} documents): lower it")
         # The split has its own seed so that every stage and every data.seed holds out the same documents.
-        perm = np.random.default_rng([split_seed, n]).permutation(n)
-        self.valid_ids = np.sort(perm[:n_valid])
-        self.train_ids = np.sort(perm[n_valid:])
+        self.index = DocumentIndex(dataset_dir, str(self.manifest.get("fingerprint")), n, n_valid, split_seed)
+        if not self.index.meta["one_sequence_per_document"]:
+            raise DataError(f"{dataset_dir}: documents made of several sequences are not supported; rebuild it "
+                            "with sbtrain-data (one sequence per document)")
+        self.valid_ids, self.train_ids = self.index.valid_ids, self.index.train_ids
+        self.train_tokens, self.valid_tokens = int(self.index.meta["train_tokens"]), int(self.index.meta["valid_tokens"])
         self._orders: dict[tuple[int, int, int], np.ndarray] = {}
         self.eod_id = int(self.manifest["tokenizer"]["eod_id"])
 
@@ -70,8 +76,7 @@ class DocumentSet:
         if key not in self._orders:
             if len(self._orders) > 4:  # only the current and next epoch are ever needed
                 self._orders.clear()
-            rng = np.random.default_rng([seed, d, epoch])
-            self._orders[key] = self.train_ids[rng.permutation(len(self.train_ids))]
+            self._orders[key] = self.index.epoch_order(seed, d, epoch)
         return self._orders[key]
 
     def tokens(self, doc: int, start: int, end: int) -> np.ndarray:

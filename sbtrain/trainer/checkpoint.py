@@ -10,6 +10,12 @@ Layout of ``<dir>``::
         manifest.json
     latest                   name of the newest good checkpoint, replaced atomically
 
+Integrity is split across ranks: after ``dcp.save`` each rank hashes the files it wrote (its own
+``__<rank>_<n>.distcp``; rank 0 also .metadata, state.json, meta.json), the digests are gathered
+on the save's group and rank 0 writes the manifest. On load each rank checks every file's size but
+hashes only its share (a shard file: the rank that wrote it; the rest balanced by size), and the
+verdict is all-gathered, so every rank loads, skips or raises on the same checkpoint together.
+
 A checkpoint is written into ``.step_XXXXXXXX.tmp`` and renamed when complete, so a crash at
 any moment leaves the previous checkpoint intact; ``latest`` is updated after the rename. On
 load, a checkpoint whose manifest is missing or does not match its files is skipped with a
@@ -40,20 +46,19 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from sbtrain.trainer.checkpoint_tree import SEP, CheckpointError, _jsonable, flatten, snapshot, unflatten
+
+__all__ = ["SEP", "CheckpointError", "Checkpointer", "async_group", "flatten", "snapshot", "unflatten", "verify", "verify_together"]
+
 log = logging.getLogger("sbtrain.checkpoint")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-SEP = "/"
-
-
-class CheckpointError(RuntimeError):
-    pass
+SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # FileSystemWriter: __<rank>_<n>.distcp
 
 
 def _rank0() -> bool:
@@ -86,47 +91,6 @@ def async_group() -> dist.ProcessGroup | None:
     return _ASYNC_GROUP[1]
 
 
-def snapshot(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy that training cannot change. A DTensor stays a DTensor with the same mesh and
-    placements (a CPU local shard; DCP writes ``to_local()`` and plans from the mesh coordinates)."""
-    return tensor.detach().to("cpu", copy=True)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested dicts -> one level with ``/``-joined keys (lists and scalars are leaves)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + SEP))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(SEP)
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    raise CheckpointError(f"cannot store {type(value).__name__} in a checkpoint: only tensors and JSON values")
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -136,10 +100,9 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+    """The manifest and the directory entry (each rank synced the files it wrote)."""
+    with open(path / "manifest.json", "rb") as f:
+        os.fsync(f.fileno())
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -147,8 +110,44 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint at ``path`` is complete and intact, else the reason it is not."""
+def _shard_owner(name: str) -> int | None:
+    """The rank whose DCP writer wrote ``name`` (``__<rank>_<n>.distcp``), None for other files."""
+    match = SHARD_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _hash_own(tmp: Path, rank: int) -> dict:
+    """Size and sha256 of the files this rank wrote: its own DCP shards, and on rank 0 everything
+    else (.metadata, state.json, meta.json). Each rank reads only what it wrote, while it is
+    likely still in the page cache, instead of rank 0 re-reading every shard alone."""
+    entries = {}
+    for f in sorted(tmp.iterdir()):
+        owner = _shard_owner(f.name)
+        if f.is_file() and (owner == rank or (owner is None and rank == 0)):
+            with open(f, "rb") as handle:  # durable before the manifest names it
+                os.fsync(handle.fileno())
+            entries[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return entries
+
+
+def _shares(entries: dict, world: int) -> list[set]:
+    """Which files each rank hashes on load: a shard file goes to the rank that wrote it (at the
+    same world size the one that reads it), the rest to the least loaded rank, biggest first.
+    Deterministic: every rank computes the same split from the same manifest."""
+    shares, load = [set() for _ in range(world)], [0] * world
+    for name, entry in sorted(entries.items(), key=lambda kv: (-kv[1]["size"], kv[0])):
+        owner = _shard_owner(name)
+        rank = owner if owner is not None and owner < world else min(range(world), key=lambda r: (load[r], r))
+        shares[rank].add(name)
+        load[rank] += entry["size"]
+    return shares
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None if the checkpoint at ``path`` is complete and intact, else the reason it is not.
+
+    With ``world > 1`` this rank checks every file's presence and size but hashes only its share
+    (:func:`_shares`); the caller agrees on the result across ranks. The default hashes it all."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
@@ -156,15 +155,31 @@ def verify(path: Path) -> str | None:
         entries = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as exc:
         return f"unreadable manifest.json ({exc})"
+    mine = _shares(entries, world)[rank] if world > 1 else set(entries)
     for name, entry in entries.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{name} has {file.stat().st_size} bytes, manifest says {entry['size']}"
-        if _sha256(file) != entry["sha256"]:
+        if name in mine and _sha256(file) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def verify_together(path: Path) -> str | None:
+    """:func:`verify` split across the default group's ranks, the verdict agreed by all: every
+    rank returns the same reason (the first rank's that found one), so all load or all skip."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify(path)
+    try:
+        mine: str | None = verify(path, dist.get_rank(), dist.get_world_size())
+    except OSError as exc:  # unreadable here: a verdict like any other, never a missed collective
+        mine = f"unreadable ({exc})"
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, mine)
+    bad = [(r, reason) for r, reason in enumerate(reasons) if reason is not None]
+    return None if not bad else f"{bad[0][1]} (found by rank {bad[0][0]})"
 
 
 class Checkpointer:
@@ -227,14 +242,31 @@ class Checkpointer:
         with warnings.catch_warnings():  # "assuming single process" when no process group: intended
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
             dcp.save(tensors, checkpoint_id=str(tmp), process_group=group)
-        _barrier(group)
         if _rank0():
             (tmp / "state.json").write_text(others)
             (tmp / "meta.json").write_text(meta_json)
-            files = {
-                f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()
-            }
-            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+        # dcp.save returns after every rank's writes finished, so each rank hashes its own files;
+        # rank 0 merges the results (the gather is this step's barrier) into the manifest.
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        try:
+            mine: dict | str = _hash_own(tmp, rank)
+        except OSError as exc:  # sent, not raised: a rank that skipped the gather would hang the rest
+            mine = f"rank {rank} could not hash its files: {exc}"
+        parts: list = [mine]
+        if dist.is_initialized():
+            parts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, mine, group=group)
+        errors = [part for part in parts if isinstance(part, str)]
+        if errors:  # every rank raises, the temp dir stays, `latest` still names the previous one
+            raise CheckpointError(f"checkpoint {tmp}: {errors[0]}")
+        if _rank0():
+            files = {name: entry for part in parts for name, entry in part.items()}
+            for f in sorted(tmp.iterdir()):  # a file no rank claimed (another writer's naming): hash it here
+                if f.is_file() and f.name not in files:
+                    log.warning("checkpoint %s: %s has no owner rank; hashed by rank 0", tmp, f.name)
+                    files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": dict(sorted(files.items()))},
+                                                          indent=1))
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step: move the old copy aside first, then drop it
                 trash = self.dir / f".{name}.old"
@@ -277,7 +309,7 @@ class Checkpointer:
         checkpoint's meta, or None when there is no checkpoint. With ``path``, only that one."""
         tried = [Path(path)] if path is not None else self.candidates()
         for candidate in tried:
-            reason = verify(candidate)
+            reason = verify_together(candidate)  # the same verdict on every rank: never a split decision
             if reason is not None:
                 if path is not None:
                     raise CheckpointError(f"checkpoint {candidate} is not usable: {reason}")

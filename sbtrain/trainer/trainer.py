@@ -141,7 +141,8 @@ class Trainer:
     def _prepare(self, mb: dict, device: torch.device) -> dict:
         """Move a micro batch to the device; under context parallelism keep this rank's shard of
         the sequence and hand the mixers the global layout (length, document bounds)."""
-        mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        # non_blocking: the prefetching loader pins its batches on CUDA, so the copy overlaps compute.
+        mb = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
         if self.cp_size == 1:
             return mb
         T = mb["input_ids"].shape[1]
@@ -165,7 +166,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         if self.engine is not None:
-            engine_sd = self.engine.state_dict()
+            engine_sd = self.engine.checkpoint_state_dict()  # ZeRO-3: this rank's partitions only
             model_sd, optim_sd = engine_sd["model"], engine_sd["optim"]
         else:
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
