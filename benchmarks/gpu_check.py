@@ -237,16 +237,19 @@ def throughput(args, runs: dict) -> tuple:
             x[key] = statistics.median(vals) if vals else None
         x["memory_gb_peak"] = max(r["memory_gb"] for r in rec["records"] if r.get("kind") == "train")
         x["flops_per_token"] = x["tflops_per_device"] and x["tflops_per_device"] * 1e12 / x["tokens_per_s_per_device"]
-    ratio = t["sb7b"]["tokens_per_s"] / t["qwen2"]["tokens_per_s"] if t["qwen2"]["tokens_per_s"] else None
+    ratio = None  # both runs needed
+    if t.get("sb7b", {}).get("tokens_per_s") and t.get("qwen2", {}).get("tokens_per_s"):
+        ratio = t["sb7b"]["tokens_per_s"] / t["qwen2"]["tokens_per_s"]
     gpu = not args.dry_run  # on the CPU the share is of a measured matmul, which is no hardware peak: no MFU
     share = "MFU (bf16 dense datasheet peak)" if gpu else "% of a measured CPU matmul (no hardware peak)"
-    table = [f"## Throughput: medians over steps {t['sb7b']['steps_used']}", "", (f"| model | tokens/s | TFLOP/s per "
+    first = next(iter(t.values()))
+    table = [f"## Throughput: medians over steps {first['steps_used']}", "", (f"| model | tokens/s | TFLOP/s per "
              f"device | {share} | peak memory GB ({'CUDA allocated' if gpu else 'RSS'}) |"), "|---|---|---|---|---|"]
     table += [f"| {m} | {_f(x['tokens_per_s'], '.0f')} | {_f(x['tflops_per_device'])} | "
               f"{_f(x['mfu'], '.1%') if gpu else _f(x['pct_of_measured_matmul'], '.2f')} | "
               f"{_f(x['memory_gb_peak'], '.2f')} |" for m, x in t.items()]
-    note = (f"sb7b / qwen2 tokens/s {_f(ratio, '.3f')}; model FLOPs per token {_f(t['sb7b']['flops_per_token'])} / "
-            f"{_f(t['qwen2']['flops_per_token'])}; peak from {t['sb7b']['peak_source']}")
+    note = (f"sb7b / qwen2 tokens/s {_f(ratio, '.3f')}; model FLOPs per token "
+            + " / ".join(f"{m} {_f(x['flops_per_token'])}" for m, x in t.items()) + f"; peak from {first['peak_source']}")
     return ("ok" if ratio else "failed"), {**t, "tokens_per_s_ratio_sb7b_over_qwen2": ratio}, note, table
 
 
@@ -293,11 +296,14 @@ def training(args, report: Report) -> None:
                 f"(rtol {args.resume_rtol})")
         return ("ok" if len(diffs) == len(want) and max(diffs) <= args.resume_rtol else "failed"), res, note
 
+    # The Transformer first: it needs no Triton compilation, so its figures exist even if the
+    # hybrid's first fla call (JIT + autotune, 81 s on an H200) eats the time.
+    ok_c = report.step("train_qwen2", train("qwen2", ""), args.train_timeout)["status"] == "ok"
     ok_a = report.step("train_sb7b", train("sb7b", str(mid)), args.train_timeout)["status"] == "ok"
     report.step("resume_sb7b", resume, args.train_timeout, skip=None if ok_a else "no uninterrupted run")
-    ok_c = report.step("train_qwen2", train("qwen2", ""), args.train_timeout)["status"] == "ok"
-    report.step("throughput", lambda limit: throughput(args, {m: state[m] for m in ("sb7b", "qwen2")}), 30,
-                skip=None if ok_a and ok_c else "a training run failed")
+    done = [m for m, ok in (("sb7b", ok_a), ("qwen2", ok_c)) if ok]
+    report.step("throughput", lambda limit: throughput(args, {m: state[m] for m in done}), 30,
+                skip=None if done else "no training run finished")
     shutil.rmtree(s, ignore_errors=True)
 
 
@@ -375,12 +381,12 @@ def main(argv=None) -> int:
             ("nproc", int, 1, "ranks per torchrun (1 on the GPU; 1 or 2 in a dry run)"),
             ("resume-rtol", float, None, "largest relative loss difference after the resume: 1e-4 (0)"),
             ("budget-s", float, None, "for the whole run; steps that do not fit are skipped: 460 (none)"),
-            ("pytest-timeout", float, 120, None), ("train-timeout", float, 240, None),
+            ("pytest-timeout", float, 120, None), ("train-timeout", float, 300, None),
             ("ops-timeout", float, 120, None),
             ("ops-lengths", str, "8192,32768,131072", None), ("wheels-report", str, None, "from gpu_check.sh")):
         p.add_argument(f"--{flag}", type=kind, default=default, help=text)
     args = p.parse_args(argv)
-    for key, gpu, dry in (("seq", 8192, 64), ("steps", 30, 6), ("warmup", 5, 2), ("global_batch", 2, 4),
+    for key, gpu, dry in (("seq", 8192, 64), ("steps", 20, 6), ("warmup", 4, 2), ("global_batch", 2, 4),
                           ("micro_batch", 1, 2), ("resume_rtol", 1e-4, 0.0), ("budget_s", 460, 0)):
         if getattr(args, key) is None:
             setattr(args, key, dry if args.dry_run else gpu)
@@ -388,9 +394,10 @@ def main(argv=None) -> int:
     rep = Report(args)
     gpu_only = "needs a GPU" if args.dry_run else None
     rep.step("env", lambda limit: env_report(args), 120)
-    rep.step("pytest_cuda", lambda limit: pytest_cuda(out, limit), args.pytest_timeout, skip=gpu_only)
     training(args, rep)
     rep.step("ops_bench", lambda limit: ops_bench(args, out, limit), args.ops_timeout, skip=gpu_only)
+    # Last: the CUDA operator suite takes what time is left (it did not finish in 120 s on an H200).
+    rep.step("pytest_cuda", lambda limit: pytest_cuda(out, limit), args.pytest_timeout, skip=gpu_only)
     print((out / "gpu_check.md").read_text(), flush=True)
     return 0 if rep.data["ok"] else 1
 

@@ -24,7 +24,8 @@ while (($#)); do
     *) ARGS+=("$1"); shift ;;
   esac
 done
-if [[ -z "$WHEELS" && -d .whl ]]; then
+# .whl/ by default on the GPU machine only: a dry run uses this machine's installed packages.
+if [[ -z "$WHEELS" && -d .whl && ! " ${ARGS[*]} " =~ " --dry-run " ]]; then
   WHEELS=.whl
 fi
 if [[ -z "${PYTHON:-}" ]]; then

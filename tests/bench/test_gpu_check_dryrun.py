@@ -25,8 +25,8 @@ def test_dry_run_records_every_section_and_an_exact_resume(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert report["mode"] == "dry-run" and report["ok"] and report["failed"] == []
-    assert list(steps) == ["env", "pytest_cuda", "data", "train_sb7b", "resume_sb7b", "train_qwen2", "throughput",
-                           "ops_bench"]
+    assert list(steps) == ["env", "data", "train_qwen2", "train_sb7b", "resume_sb7b", "throughput", "ops_bench",
+                           "pytest_cuda"]
     for name in ("pytest_cuda", "ops_bench"):  # GPU-only: skipped, and saying why
         assert steps[name]["status"] == "skipped" and steps[name]["reason"] == "needs a GPU"
     for name in ("env", "data", "train_sb7b", "resume_sb7b", "train_qwen2", "throughput"):
