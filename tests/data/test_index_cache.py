@@ -110,5 +110,6 @@ def test_ten_million_documents_open_on_two_ranks_in_little_memory(tmp_path):
         # Measured: 150-200 MB peak, 0-42 MB private (the builder's mask and chunks). The code before this
         # change measured 460 MB peak and 229 MB private on every rank at 10M documents: both bounds fail it.
         assert r["peak_rss_growth"] < 400 * 2**20, r
-        assert r["anon_growth"] < 100 * 2**20, r
+        # private memory: 0-42 MB measured quiet, 110 MB once on a loaded box; the old code took 229 MB
+        assert r["anon_growth"] < 160 * 2**20, r
     assert os.listdir(tmp_path / "cache")
