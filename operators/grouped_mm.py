@@ -11,6 +11,11 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     Returns ``[N, Dout]``; rows past ``offs[-1]`` are zero."""
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or offs.numel() != w.shape[0]:
         raise ValueError(f"grouped_mm: x {tuple(x.shape)}, w {tuple(w.shape)}, offs {tuple(offs.shape)} do not fit")
+    if x.shape[0] == 0 and w.shape[0]:
+        # No rows (an expert-parallel rank that was sent no tokens): still an output that autograd
+        # links to x and w, or this rank would skip the backward all-to-all and FSDP's gradient
+        # reduce-scatter that the other ranks run, and the job would hang.
+        return x @ w[0]
     out = x.new_zeros(x.shape[0], w.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):

@@ -22,10 +22,10 @@ from sbtrain.config.parallel import validate_parallel
 from sbtrain.config.train import validate_logger
 from sbtrain.data.build import check_vocab
 from sbtrain.data.loader import loader_from_config
-from sbtrain.models.build import build_model, count_parameters, to_model_config
+from sbtrain.models.build import to_model_config
 from sbtrain.trainer.callbacks import ConsoleProgress, JSONLMetrics, WandbLogger, plot_loss_curve
 from sbtrain.trainer.checkpoint import Checkpointer
-from sbtrain.trainer.distributed import init_process_group, make_mesh, parallelize, report_collective_timeouts
+from sbtrain.trainer.distributed import build_parallel_model, init_process_group, make_mesh, report_collective_timeouts
 from sbtrain.trainer.flops import flops_per_token, peak_flops
 from sbtrain.trainer.observability import build_observability
 from sbtrain.trainer.optim import build_optimizer
@@ -135,14 +135,11 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
                                 dp_rank=mesh.dp_rank if mesh else 0, dp_size=dims.dp, max_steps=tcfg.max_steps)
     valid = PackedBatches(loader, tcfg.eval_batches * tcfg.micro_batch_size or None) if data_cfg.valid_fraction else None
 
-    model = build_model(model_cfg, device=device)
+    # On a mesh (FSDP engine): built on meta, sharded, each rank materialising, initialising and
+    # loading (init_from) only its shards; alone or with DeepSpeed, a full build. Same weights.
+    model, layout, counts = build_parallel_model(model_cfg, mesh, pcfg, tcfg, device, init_from=tcfg.init_from)
     if tcfg.init_from:
-        from sbtrain.models.weights import load_into
-
-        load_into(model, tcfg.init_from)
         log.info("initialised from %s", tcfg.init_from)
-    counts = count_parameters(model)  # before sharding: the model's true sizes
-    layout = parallelize(model, mesh, pcfg, tcfg)
     optimizer = build_optimizer(model, ocfg)  # after FSDP: it steps the sharded parameters
     engine = None
     if pcfg.engine == "deepspeed" and mesh is not None:

@@ -43,13 +43,13 @@ class HybridAttention(nn.Module):
         self.beta_attn = nn.Parameter(torch.full((channels,), self.beta_init, **kw))
         self.beta_linear = nn.Parameter(torch.full((channels,), self.beta_init, **kw))
 
-    def init_extra(self, std: float) -> None:
-        """Parameters outside nn.Linear / RMSNorm (called by :func:`sbtrain.models.build.init_weights`)."""
+    def init_specs(self, std: float) -> dict:
+        """Init of the parameters outside nn.Linear / RMSNorm, by name (read by
+        :func:`sbtrain.models.build.init_weights`, which draws each from its own seed)."""
+        specs = {"beta_attn": ("const", self.beta_init), "beta_linear": ("const", self.beta_init)}
         if self.sink_k is not None:
-            nn.init.normal_(self.sink_k, std=std)
-            nn.init.normal_(self.sink_v, std=std)
-        nn.init.constant_(self.beta_attn, self.beta_init)
-        nn.init.constant_(self.beta_linear, self.beta_init)
+            specs.update(sink_k=("normal", std), sink_v=("normal", std))
+        return specs
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         # Under tensor parallelism sinks (by KV head) and betas (by channel) are sharded DTensors:

@@ -134,10 +134,11 @@ class MoE(nn.Module):
         # Group over which one token set is split (context/sequence parallel); see the module doc.
         self.token_group = None
 
-    def init_extra(self, std: float) -> None:
-        for p in (self.router.weight, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj):
-            nn.init.normal_(p, std=std)
-        self.router.expert_bias.zero_()
+    def init_specs(self, std: float) -> dict:
+        """Init by (relative) name; see :func:`sbtrain.models.build.init_weights`."""
+        specs = {f"experts.{n}": ("normal", std) for n in ("gate_proj", "up_proj", "down_proj")}
+        specs.update({"router.weight": ("normal", std), "router.expert_bias": ("const", 0.0)})
+        return specs
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.cfg.capacity_factor is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -242,9 +243,48 @@ def iter_weights(directory: str | os.PathLike, names: Iterable[str] | None = Non
                 yield key, check_finite(key, tensor, path)
 
 
+# Rows of a box read per file opening: the slice read and the file pages it maps (resident until
+# the mapping closes) stay below about this many bytes each, whatever the tensor's size.
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _read_box(path: Path, name: str, target: torch.Tensor, local: torch.Tensor, offset: tuple, directory) -> None:
+    """Copy the box ``offset + local.shape`` of tensor ``name`` into ``local``, in row blocks,
+    the file opened (mapped) per block."""
+    shape = tuple(local.shape)
+    with _open(path) as f:
+        try:
+            theirs = tuple(f.get_slice(name).get_shape())
+            if theirs != tuple(target.shape):
+                raise WeightsError(f"{directory}: {name} has shape {theirs}, the model {tuple(target.shape)}")
+            if local.numel() and not shape:  # a scalar
+                local.copy_(check_finite(name, f.get_tensor(name), path))
+        except SafetensorError as exc:
+            raise WeightsError(f"{path}: tensor {name} cannot be read ({exc}); {FIX}") from exc
+    if local.numel() == 0 or not shape:
+        return
+    rows = max(1, READ_BLOCK_BYTES // (math.prod(theirs[1:]) * 4 or 1))
+    tail = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
+    for r in range(0, shape[0], rows):
+        n = min(rows, shape[0] - r)
+        with _open(path) as f:
+            try:
+                block = f.get_slice(name)[(slice(offset[0] + r, offset[0] + r + n), *tail)]
+            except SafetensorError as exc:
+                raise WeightsError(f"{path}: tensor {name} cannot be read ({exc}); {FIX}") from exc
+        local[r:r + n].copy_(check_finite(name, block, path))
+
+
 def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConfig:
     """Copy a weights directory into ``model`` (same config required; every tensor, exact
-    shapes). Returns the directory's config. Call before any parallel wrapping."""
+    shapes). Returns the directory's config.
+
+    Works on a plain model and on a sharded one (DTensor parameters from FSDP2 / TP / EP): each
+    rank reads only the box of every tensor that its shard holds (``safe_open(...).get_slice``,
+    from :func:`sbtrain.models.build.local_region`), one tensor at a time, its file mapped only
+    while it is read; peak host memory is the shard plus the largest single slice read."""
+    from sbtrain.models.build import local_region
+
     cfg = load_config(directory)
     a, b = OmegaConf.to_container(OmegaConf.structured(cfg)), OmegaConf.to_container(OmegaConf.structured(model.config))
     diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in TRAINING_TIME_FIELDS}
@@ -260,11 +300,10 @@ def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> ModelConf
     if missing or extra:
         raise WeightsError(f"{directory} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     with torch.no_grad():
-        for name, tensor in iter_weights(directory, state):
-            if tuple(tensor.shape) != tuple(state[name].shape):
-                raise WeightsError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the model "
-                                   f"{tuple(state[name].shape)}")
-            state[name].copy_(tensor)
+        for name, target in state.items():
+            shape, offset = local_region(target)
+            local = target.to_local() if hasattr(target, "to_local") else target
+            _read_box(files[name], name, target, local.view(shape) if local.numel() else local, offset, directory)
     return cfg
 
 

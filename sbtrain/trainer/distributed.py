@@ -205,5 +205,42 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, pcfg, tcfg) -> dict
     return info
 
 
-__all__ = ["CollectiveTimeoutError", "init_process_group", "make_mesh", "parallelize", "rank_layout_from_slurm",
+def build_parallel_model(model_cfg, mesh: ParallelMesh | None, pcfg, tcfg, device: torch.device,
+                         init_from: str | None = None) -> tuple[nn.Module, dict, dict]:
+    """Build, shard, materialise and initialise (or load) the model; returns (model, the layout
+    info of :func:`parallelize`, the parameter counts of the whole model).
+
+    With a mesh and the FSDP engine, TorchTitan's order: build on ``meta`` -> TP -> EP -> (CP)
+    -> activation checkpointing -> compile -> FSDP -> ``to_empty(device)`` -> per-parameter seeded
+    init of the local shards (equal to a full build, :func:`sbtrain.models.build.init_weights`) ->
+    ``init_from`` read shard by shard (:func:`sbtrain.models.weights.load_into`). No rank ever
+    holds more than its shards plus one init block / one tensor being read.
+
+    Single process, and the DeepSpeed engine (ZeRO partitions a whole, plain model after the
+    fact; deepspeed.zero.Init would need its own construction path), build on the device in
+    full as before; the per-parameter seeding makes those weights equal to the meta path's."""
+    from sbtrain.models.build import build_model, count_parameters, init_weights
+    from sbtrain.models.weights import load_into
+
+    if mesh is None or pcfg.engine != "fsdp":
+        model = build_model(model_cfg, device=device)
+        if init_from:
+            load_into(model, init_from)
+        counts = count_parameters(model)
+        return model, parallelize(model, mesh, pcfg, tcfg), counts
+    model = build_model(model_cfg, device="meta")  # draws model.init_seed: same RNG use as a full build
+    counts = count_parameters(model)
+    info = parallelize(model, mesh, pcfg, tcfg)
+    model.to_empty(device=device)
+    if model_cfg.tie_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise RuntimeError("tied embeddings came apart in to_empty: re-tie them before sharding")
+    if init_from:
+        load_into(model, init_from)  # every tensor is overwritten: no init needed
+        # (the expert-bias buffer is in the state dict too, so nothing is left uninitialised)
+    else:
+        init_weights(model)
+    return model, info, counts
+
+
+__all__ = ["CollectiveTimeoutError", "build_parallel_model", "init_process_group", "make_mesh", "parallelize", "rank_layout_from_slurm",
            "report_collective_timeouts"]

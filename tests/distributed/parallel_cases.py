@@ -2,7 +2,7 @@
 ``sbtrain.trainer.distributed.parallelize``, and return what must equal the single process.
 
 ``train_case(spec)`` runs on every rank of a gloo group (or alone, for the reference): it builds
-the same seeded model everywhere, parallelizes it, feeds each data-parallel rank its share of a
+the same seeded model everywhere (on meta, each rank materialising its shards: build_parallel_model), feeds each data-parallel rank its share of a
 fixed synthetic global batch, and records the loss and every parameter's gradient (as full
 tensors) at every step. SGD, because Adam would turn rounding differences into lr-sized ones.
 """
@@ -16,9 +16,8 @@ from torch.distributed.tensor import DTensor
 from sbtrain.config.model import HybridConfig, ModelConfig, MoEConfig
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
-from sbtrain.models.build import build_model
 from sbtrain.trainer.checkpoint import Checkpointer
-from sbtrain.trainer.distributed import make_mesh, parallelize
+from sbtrain.trainer.distributed import build_parallel_model, make_mesh
 from sbtrain.trainer.optim import build_optimizer
 from sbtrain.trainer.trainer import Trainer
 
@@ -111,8 +110,9 @@ def build_case(spec: dict, seed: int = 0, checkpoint_dir: str | None = None) -> 
     dims = validate_parallel(pcfg, world, mcfg, tcfg)
     mesh = make_mesh(dims, torch.device("cpu"))
     torch.manual_seed(seed)
-    model = build_model(mcfg)
-    layout = parallelize(model, mesh, pcfg, tcfg)
+    # The real runs' path: on a mesh (FSDP engine) built on meta, sharded, then each rank
+    # materialises and initialises only its shards; alone (and DeepSpeed) a full build.
+    model, layout, _ = build_parallel_model(mcfg, mesh, pcfg, tcfg, torch.device("cpu"))
     ocfg = OptimConfig(lr=0.5 if spec.get("optim", "sgd") == "sgd" else 1e-2, schedule="constant", warmup_steps=0,
                        clip_grad=spec.get("clip", 0.0))
     if spec.get("optim", "sgd") == "sgd":
