@@ -80,7 +80,8 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     return to_model_config(OmegaConf.load(path))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (weights manifests and checkpoint manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -92,7 +93,7 @@ def write_manifest(directory: str | os.PathLike) -> Path:
     """Write ``weights_manifest.json``: size and sha256 of every file under ``directory``. Called
     last by every writer (again after a caller adds files, e.g. the converter's tokenizer)."""
     directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1))
@@ -128,7 +129,7 @@ def verify_weights(directory: str | os.PathLike) -> None:
         if size != entry["size"]:
             raise WeightsError(f"{file} has {size} bytes, {MANIFEST} says {entry['size']}: the file is truncated or "
                                f"was not copied completely; {FIX}")
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise WeightsError(f"{file} does not match its sha256 in {MANIFEST}: the file is corrupt; {FIX}")
     _VERIFIED[str(directory.resolve())] = signature
 

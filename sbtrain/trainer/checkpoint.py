@@ -36,7 +36,6 @@ collective on the mesh's groups.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from sbtrain.models.weights import file_sha256
 from sbtrain.trainer.checkpoint_tree import SEP, CheckpointError, _jsonable, flatten, snapshot, unflatten
 
 __all__ = ["SEP", "CheckpointError", "Checkpointer", "async_group", "flatten", "snapshot", "unflatten", "verify", "verify_together"]
@@ -92,11 +92,9 @@ def async_group() -> dist.ProcessGroup | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """One file's sha256 (the weights' manifest uses the same); a module function so tests can count
+    which files each rank hashes."""
+    return file_sha256(path)
 
 
 def _fsync_tree(path: Path) -> None:
