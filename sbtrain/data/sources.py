@@ -201,7 +201,8 @@ def _paragraph(lines: list[str]) -> str:
 def text_documents(lines: Iterable[str], unit: str = "file") -> Iterator[str]:
     """The documents of a plain-text file given its lines (line breaks included): the module's rule."""
     if unit not in TEXT_UNITS:
-        raise DataError(f"text_unit={unit!r} is not one of {TEXT_UNITS}")
+        raise DataError(f"data.text_unit={unit!r} is not one of {TEXT_UNITS} (file: a .txt is one document; "
+                        "paragraph: one per block of non-blank lines)")
     if unit == "file":
         doc = "".join(lines)
         if doc.strip():
