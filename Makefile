@@ -17,7 +17,7 @@ help:
 	@echo "make test       run the whole test suite (CPU, gloo for multi-process tests)"
 	@echo "make train      train the tiny hybrid model on the bundled corpus (CPU)"
 	@echo "make bench-ops  operator benchmark: chunked GLA vs causal SDPA (CPU)"
-	@echo "make bench-train training tokens/s: sb7b_tiny, qwen2_tiny, HF Qwen2 (CPU)"
+	@echo "make bench-train training tokens/s: every dense *_tiny recipe (sb7b_tiny, ...), qwen2_tiny, HF Qwen2 (CPU)"
 	@echo "make bench-cp   context parallel CP=1 vs CP=2: traffic, peak memory, step time (CPU, gloo)"
 	@echo "make bench-convert  teacher -> converted sb7b/sb76b vs from scratch (about an hour on 2 cores)"
 	@echo "make bench-spike-cpt spike-aware continual pretraining vs spiking post hoc (sb7b_tiny)"

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel.testing import run_distributed
 from sbtrain.config.model import ModelConfig
+from tests.distributed.harness import run_distributed
 
 BIG = {"vocab_size": 152064, "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
        "head_dim": 128, "intermediate_size": 18944, "layer_pattern": ["gla", "swa"]}

@@ -41,7 +41,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallel import comm_stats
-from parallel.testing import run_distributed
 from sbtrain.bench.common import peak_rss_kb, reset_peak_rss, status_kb
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
@@ -49,6 +48,7 @@ from sbtrain.models import build_model
 from sbtrain.trainer.distributed import make_mesh, parallelize
 from sbtrain.trainer.optim import build_optimizer
 from sbtrain.trainer.trainer import Trainer
+from tests.distributed.harness import run_distributed
 
 ALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "MALLOC_CONF")
 MEMORY_MEASURE = ("per-rank peak resident-set growth (VmHWM reset before step 1, minus VmRSS before it) over "

@@ -21,9 +21,9 @@ import torch
 from operators import ops, registry
 from sbtrain.config.observe import ObserveConfig
 from sbtrain.config.train import OptimConfig, TrainerConfig
+from sbtrain.eval.callback import EvalCallback
 from sbtrain.models import build_model
 from sbtrain.trainer.observability import (
-    EvalCallback,
     ModelStatsCallback,
     ProfilerCallback,
     SlowRankDetector,

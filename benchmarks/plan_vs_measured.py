@@ -38,12 +38,12 @@ ALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 import torch
 
-from parallel.testing import run_distributed
 from sbtrain.bench.common import peak_rss_kb, reset_peak_rss, status_kb
 from sbtrain.config.model import HybridConfig, ModelConfig, MoEConfig
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.plan import plan_memory
+from tests.distributed.harness import run_distributed
 
 MB = 1 << 20
 SEQ = 2048

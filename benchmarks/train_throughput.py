@@ -1,4 +1,5 @@
-"""Training throughput on this machine (``make bench-train``): our hybrid ``sb7b_tiny``, our
+"""Training throughput on this machine (``make bench-train``): our linear / hybrid tiny models (every
+dense ``recipes/model/*_tiny.yaml``: ``sb7b_tiny``, ``gdn_tiny``, ...; ``--models`` picks), our
 Transformer ``qwen2_tiny`` and HF transformers' ``Qwen2ForCausalLM`` built from the identical
 config, same token batches, same machine, one run, at 2k and 8k tokens per sequence.
 
@@ -38,6 +39,12 @@ ALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "MALLO
 def model_config(name: str):
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
         return OmegaConf.to_object(compose("info", overrides=[f"model={name}"]).model)
+
+
+def default_models() -> list[str]:
+    """Every dense tiny model recipe but the Transformer baseline (a new mixer's recipe joins by itself)."""
+    names = sorted(p.stem for p in (RECIPES_DIR / "model").glob("*_tiny.yaml") if p.stem != "qwen2_tiny")
+    return [n for n in names if not model_config(n).moe.num_experts]
 
 
 def hf_qwen2(cfg):
@@ -84,6 +91,7 @@ def time_interleaved(models: dict, batches, warmup: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="", help="comma-separated model recipes (default: every dense *_tiny but qwen2_tiny)")
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model and length")
     p.add_argument("--warmup", type=int, default=1)
@@ -93,7 +101,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     alloc = {k: os.environ.get(k) for k in ALLOC_VARS if os.environ.get(k)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator env: {alloc or 'glibc defaults'}")
-    cfg_hybrid, cfg_tf = model_config("sb7b_tiny"), model_config("qwen2_tiny")
+    cfg_tf = model_config("qwen2_tiny")
+    names = args.models.split(",") if args.models else default_models()
+    cfgs = {name: model_config(name) for name in names}
     rows = []
     for T in [int(x) for x in args.lengths.split(",")]:
         batches = [torch.randint(0, cfg_tf.vocab_size, (args.batch, T + 1)) for _ in range(args.warmup + args.steps)]
@@ -101,13 +111,13 @@ def main(argv=None) -> None:
         models = {
             "hf_qwen2": (hf_qwen2(cfg_tf).train(), True),
             "qwen2_tiny": (build_model(cfg_tf).train(), False),
-            "sb7b_tiny": (build_model(cfg_hybrid).train(), False),
+            **{name: (build_model(cfg).train(), False) for name, cfg in cfgs.items()},
         }
         times = time_interleaved(models, batches, args.warmup)
         result = {}
         for name in models:
             tps = args.batch * T / statistics.median(times[name])
-            fpt = flops(cfg_hybrid if name == "sb7b_tiny" else cfg_tf, T)
+            fpt = flops(cfgs.get(name, cfg_tf), T)
             result[name] = {"tokens_per_s": tps, "step_s": statistics.median(times[name]), "flops_per_token": fpt}
         del models
         base = result["hf_qwen2"]
@@ -134,12 +144,12 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["seq_len"] for r in rows})
-    models = ["hf_qwen2", "qwen2_tiny", "sb7b_tiny"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.25
+    width = 0.8 / len(models)
     for i, m in enumerate(models):
         vals = [next(r["tokens_per_s"] for r in rows if r["seq_len"] == T and r["model"] == m) for T in lengths]
-        ax.bar([j + (i - 1) * width for j in range(len(lengths))], vals, width, label=m)
+        ax.bar([j + (i - (len(models) - 1) / 2) * width for j in range(len(lengths))], vals, width, label=m)
     ax.set_xticks(range(len(lengths)), [f"{T // 1024}k" for T in lengths])
     ax.set_ylabel("training tokens / s")
     ax.set_title("fp32 training throughput, this CPU")

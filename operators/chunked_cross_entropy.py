@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from operators import ops
+from operators.cross_entropy import linear_cross_entropy
 from operators.registry import Backend
 
 
@@ -276,6 +276,6 @@ def _accepts(*args, **kwargs) -> str | None:
     return None  # handles every call; bad arguments raise a clear error in the function
 
 
-ops.linear_cross_entropy.register(
+linear_cross_entropy.register(
     Backend(name="chunked", fn=linear_cross_entropy_chunked, priority=10, accepts=_accepts)
 )

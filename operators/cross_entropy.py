@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from operators.registry import define_op
+
 
 def linear_cross_entropy_reference(
     hidden: torch.Tensor,
@@ -23,3 +25,7 @@ def linear_cross_entropy_reference(
         raise ValueError("the reference cross-entropy takes an unsharded head; use the chunked backend for a sharded one")
     logits = hidden.float() @ weight.float().t()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+# The op (its faster backends register on it from their own modules).
+linear_cross_entropy = define_op("linear_cross_entropy", linear_cross_entropy_reference)

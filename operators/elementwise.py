@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from operators.registry import define_op
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """HF Qwen2/Llama RMSNorm: normalise in fp32, cast back, then scale by ``weight``."""
@@ -80,3 +82,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype=torc
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     return cos.to(dtype), sin.to(dtype)
+
+
+# The op (its faster backends register on it from their own modules).
+rms_norm = define_op("rms_norm", rms_norm_reference)
+swiglu = define_op("swiglu", swiglu_reference)
+rotary = define_op("rotary", rotary_reference)

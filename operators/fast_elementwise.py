@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from operators import ops
+from operators.grouped_mm import grouped_mm
 from operators.registry import Backend
 
 # torch._grouped_mm's kernel checks that every stride is a multiple of 16 bytes.
@@ -143,7 +143,7 @@ def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> to
     return _GroupedMM.apply(x.contiguous(), w.contiguous(), offs)
 
 
-ops.grouped_mm.register(
+grouped_mm.register(
     Backend(
         name="torch_grouped_mm",
         fn=grouped_mm_torch,

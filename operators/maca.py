@@ -1,4 +1,6 @@
-"""MetaX (MACA) backends: flash-linear-attention with MetaX-tuned Triton launch configurations.
+"""MetaX (MACA): flash-linear-attention with MetaX-tuned Triton launch configurations. This module
+holds the tuning tables and the machinery shared by every op's ``fla_maca`` backend; each backend
+lives beside the op it serves (``operators/gla/maca.py``).
 
 MACA's Triton backend (named ``maca``) runs 64-lane warps, twice NVIDIA's 32, so fla's
 autotune lists, written for NVIDIA, launch twice the threads per program they intend
@@ -37,9 +39,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from operators.ops import gla, gla_step
 from operators.platform import detect_platform
-from operators.registry import Backend
 from operators.triton_interpreter import install_shims, interpreter_enabled
 
 log = logging.getLogger("sbtrain.operators")
@@ -47,16 +47,19 @@ log = logging.getLogger("sbtrain.operators")
 TUNING_KNOBS = ("block_k", "block_v", "num_warps", "num_stages")
 # Triton meta-parameter each block knob bounds, as fla names them in its autotune configs.
 BLOCK_META = {"BK": "block_k", "BV": "block_v"}
-# Per op: upper bounds for fla's autotune candidates on MetaX (warps of 64 lanes).
-DEFAULT_MACA_TUNING: dict[str, dict[str, int]] = {
-    "gla": {"block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2},
-    "gla_step": {"block_k": 64, "block_v": 64, "num_warps": 2, "num_stages": 1},
-}
-# fla modules whose autotuned kernels serve each op (missing ones, in other fla versions, are skipped).
-FLA_MODULES = {
-    "gla": ("fla.ops.gla.chunk", "fla.ops.common.chunk_h", "fla.ops.common.chunk_o", "fla.ops.utils.cumsum"),
-    "gla_step": ("fla.ops.gla.fused_recurrent", "fla.ops.common.fused_recurrent"),
-}
+# Per op: upper bounds for fla's autotune candidates on MetaX (warps of 64 lanes), and the fla modules
+# whose autotuned kernels serve it (missing ones, in other fla versions, are skipped). Each op's
+# folder fills both with :func:`register_tuning` beside its ``fla_maca`` backend (``operators/gla/maca.py``).
+DEFAULT_MACA_TUNING: dict[str, dict[str, int]] = {}
+FLA_MODULES: dict[str, tuple[str, ...]] = {}
+
+
+def register_tuning(op: str, defaults: Mapping[str, int], fla_modules: tuple[str, ...]) -> None:
+    """Declare an op's MetaX limits (every knob of :data:`TUNING_KNOBS`) and the fla modules they filter."""
+    if set(defaults) != set(TUNING_KNOBS):
+        raise ValueError(f"MetaX tuning of {op!r} must set exactly {TUNING_KNOBS}, got {sorted(defaults)}")
+    DEFAULT_MACA_TUNING[op] = dict(defaults)
+    FLA_MODULES[op] = tuple(fla_modules)
 
 _user_tuning: dict[str, dict[str, int]] = {}
 _applied: dict[str, dict[str, int]] = {}  # op -> limits last applied to fla's kernels
@@ -174,37 +177,3 @@ def _decline_cpu(q) -> str | None:
     if q.device.type == "cpu" and detect_platform() != "maca":
         return "CPU tensors go to fla_maca under the Triton interpreter only when the platform is maca"
     return None
-
-
-def _gla_accepts(q, k, v, g, *args, **kwargs) -> str | None:
-    from operators.gla import fla_backend
-
-    return _decline_dtype(q) or _decline_cpu(q) or fla_backend._gla_accepts(q, k, v, g, *args, **kwargs)
-
-
-def _step_accepts(q, k, v, g, state, *args, **kwargs) -> str | None:
-    from operators.gla import fla_backend
-
-    return _decline_dtype(q) or _decline_cpu(q) or fla_backend._step_accepts(q, k, v, g, state, *args, **kwargs)
-
-
-def gla_fla_maca(q, k, v, g, **kwargs):
-    """``ops.gla`` through fla's ``chunk_gla`` with the MetaX autotune limits in force."""
-    from operators.gla.fla_backend import gla_fla
-
-    _apply_tuning("gla")
-    return gla_fla(q, k, v, g, **kwargs)
-
-
-def gla_step_fla_maca(q, k, v, g, state, scale: float | None = None):
-    """``ops.gla_step`` through fla's ``fused_recurrent_gla`` with the MetaX limits in force."""
-    from operators.gla.fla_backend import gla_step_fla
-
-    _apply_tuning("gla_step")
-    return gla_step_fla(q, k, v, g, state, scale=scale)
-
-
-gla.register(Backend(name="fla_maca", fn=gla_fla_maca, priority=20, platforms=PLATFORMS,
-                     is_available=_available, accepts=_gla_accepts))
-gla_step.register(Backend(name="fla_maca", fn=gla_step_fla_maca, priority=20, platforms=PLATFORMS,
-                          is_available=_available, accepts=_step_accepts))

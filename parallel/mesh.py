@@ -77,7 +77,7 @@ def build_mesh(dp_replicate: int, dp_shard: int, cp: int, tp: int, ep: int, devi
     """The mesh of an already-initialised process group; the degrees must multiply to its size
     (validate them first: ``sbtrain.config.parallel.validate_parallel`` names the fix)."""
     if not dist.is_initialized():
-        raise RuntimeError("build_mesh needs an initialised process group (torchrun, or parallel.testing)")
+        raise RuntimeError("build_mesh needs an initialised process group (torchrun, or the tests' gloo harness)")
     world_size = dist.get_world_size()
     if dp_replicate * dp_shard * cp * tp != world_size or dp_shard % ep:
         raise ValueError(f"degrees dp_replicate={dp_replicate} dp_shard={dp_shard} cp={cp} tp={tp} ep={ep} do not "

@@ -22,6 +22,7 @@ from sbtrain.config.parallel import validate_parallel
 from sbtrain.config.train import validate_logger
 from sbtrain.data.build import check_vocab
 from sbtrain.data.loader import loader_from_config
+from sbtrain.eval.callback import EvalCallback
 from sbtrain.models.build import to_model_config
 from sbtrain.trainer.callbacks import ConsoleProgress, JSONLMetrics, WandbLogger, plot_loss_curve
 from sbtrain.trainer.checkpoint import Checkpointer
@@ -167,7 +168,8 @@ def build_trainer(cfg: DictConfig) -> tuple[Trainer, dict]:
     if lcfg.console:
         callbacks.append(ConsoleProgress(tcfg.log_every))
     callbacks.append(WandbLogger(lcfg.wandb.mode, lcfg.wandb.project, lcfg.wandb.name, str(out), resolved))
-    callbacks += build_observability(OmegaConf.to_object(cfg.observe), out, cp=dims.cp, eval_batches=tcfg.eval_batches)
+    callbacks += build_observability(OmegaConf.to_object(cfg.observe), out, cp=dims.cp, eval_batches=tcfg.eval_batches,
+                                     eval_callback=EvalCallback)
     teacher, dcfg = None, OmegaConf.to_object(cfg.distill).validate()
     if dcfg.weight:
         if mesh is not None and (mesh.cp > 1 or mesh.tp > 1 or pcfg.engine != "fsdp"):

@@ -1,4 +1,4 @@
-"""``flash_attn`` backend of ``ops.attention``: Dao-AILab flash-attention 2 on CUDA (and on MetaX,
+"""``flash_attn`` backend of ``attention``: Dao-AILab flash-attention 2 on CUDA (and on MetaX,
 whose flash-attn ships the same FA2 API), imported lazily so this module imports without it.
 
 Semantics match the reference directly: flash-attn aligns the causal mask to the bottom right
@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from operators import ops
+from operators.attention.op import attention
 from operators.attention.reference import check_attention_args
 from operators.registry import Backend
 
@@ -106,7 +106,7 @@ def flash_attn_attention(
     return out.unsqueeze(0)
 
 
-ops.attention.register(
+attention.register(
     Backend(
         name="flash_attn",
         fn=flash_attn_attention,

@@ -1,4 +1,4 @@
-"""``sdpa`` backend of ``ops.attention``: torch's fused ``scaled_dot_product_attention`` on every
+"""``sdpa`` backend of ``attention``: torch's fused ``scaled_dot_product_attention`` on every
 platform, with O(T·W) block-local sliding-window attention, sink tokens and document masking.
 
 What torch 2.13 does on CPU (measured, B=1, H=4, T=4096, D=64, fp32, one thread): every form below
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from operators import ops
+from operators.attention.op import attention
 from operators.attention.reference import check_attention_args
 from operators.registry import Backend
 
@@ -199,4 +199,4 @@ def _accepts(q, k, v, *args, **kwargs) -> str | None:
     return None
 
 
-ops.attention.register(Backend(name="sdpa", fn=sdpa_attention, priority=10, accepts=_accepts))
+attention.register(Backend(name="sdpa", fn=sdpa_attention, priority=10, accepts=_accepts))

@@ -32,8 +32,8 @@ from itertools import pairwise
 import torch
 
 from operators.gla import chunk_kernels as K
+from operators.gla.op import gla
 from operators.gla.reference import check_gla_args
-from operators.ops import gla
 from operators.registry import Backend
 
 DEFAULT_CHUNK = 64

@@ -32,8 +32,8 @@ import inspect
 
 import torch
 
+from operators.gla.op import gla, gla_step
 from operators.gla.reference import check_gla_args, expand_gate
-from operators.ops import gla, gla_step
 from operators.registry import Backend
 from operators.triton_interpreter import install_shims, interpreter_enabled
 

@@ -1,55 +1,35 @@
 """Pieces shared by the benchmarks: model configs from recipes, the allocator note, resident-set
-probes, the power-law fit, prefill FLOPs, fresh-process workers and the output files."""
+probes, the power-law fit, prefill FLOPs, fresh-process workers and the output files.
+
+``model_config`` lives in :mod:`sbtrain.bench.config` and the resident-set probes in
+:mod:`sbtrain.bench.worker` (the fresh-process worker needs them and must not import this module,
+which starts it); both are re-exported here."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from sbtrain.bench.config import BenchError
+from sbtrain.bench import worker
+from sbtrain.bench.config import BenchError, model_config
+from sbtrain.bench.worker import RESULT_PREFIX, peak_rss_kb, reset_peak_rss, status_kb
+from sbtrain.models.mixers import layer_mixers
 
 ALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "MALLOC_CONF")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The folder holding the sbtrain package: the checkout, or site-packages for an installed copy.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- models ----------------------------------------------------------------------------------------
-def model_config(name: str, overrides: list[str] | tuple[str, ...] = ()):
-    """The validated ModelConfig of ``recipes/model/<name>.yaml`` with ``model.*`` overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    import sbtrain.config  # noqa: F401  registers the model schema
-    from sbtrain.cli.app import RECIPES_DIR, group_options
-
-    if name not in group_options("model"):
-        raise BenchError(f"model {name!r} is not a recipe in recipes/model/ (choices: {', '.join(group_options('model'))})")
-    bad = [o for o in overrides if not str(o).startswith("model.")]
-    if bad:
-        raise BenchError(f"model_overrides={bad} must be model.* keys, e.g. [model.num_layers=2]")
-    args = [f"model={name}", *overrides]
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside the sbtrain-bench Hydra app
-            node = compose("info", overrides=args).model
-        else:
-            with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-                node = compose("info", overrides=args).model
-    except Exception as exc:  # Hydra's message names the bad override
-        raise BenchError(f"model {name} with overrides {list(overrides)}: {exc}") from exc
-    return OmegaConf.to_object(node).validate()
-
-
 def is_quadratic(cfg) -> bool:
     """True when some layer attends over the whole past (time and KV cache grow with T)."""
-    return any(kind in ("full", "hybrid_full") for kind in cfg.layer_types())
+    return any(kind.attends_all for kind in layer_mixers(cfg))
 
 
 def skips_run(cfg, seq_len: int, repeat: int, quadratic_max: int, single_above: int) -> bool:
@@ -87,26 +67,6 @@ def allocator_note() -> str:
     return note
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
-def reset_peak_rss() -> str:
-    """Reset the kernel's resident-set high-water mark (VmHWM); else fall back to ru_maxrss,
-    which is monotonic over the process (exact only in a fresh process)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
-def peak_rss_kb(method: str) -> int:
-    return status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 # -- fitting --------------------------------------------------------------------------------------
 def fit_power_law(lengths: list[int], seconds: list[float]) -> tuple[float, float]:
     """Least-squares fit of ``log t = p log T + c``; returns ``(p, c)`` (needs two lengths)."""
@@ -126,22 +86,20 @@ def extrapolate(p: float, c: float, length: int) -> float:
 def run_worker(spec: dict, fresh_process: bool, timeout_s: float) -> dict:
     """Run ``sbtrain.bench.worker.measure(spec)`` in a fresh interpreter (so that no earlier
     point's memory shows in this one), or in this process for quick runs."""
-    from sbtrain.bench import worker
-
     if not fresh_process:
         return worker.measure(spec)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
         done = subprocess.run([sys.executable, "-m", "sbtrain.bench.worker", json.dumps(spec)], check=False, env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s (raise timeout_s=)"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(worker.RESULT_PREFIX)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": f"worker exit {done.returncode}: {' | '.join(tail)}"}
-    return json.loads(lines[-1][len(worker.RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -169,6 +127,13 @@ def report(cfg, name: str, payload: dict, plot) -> dict:
         plot(path.with_suffix(".png"))
     print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if cfg.plot else ""))
     return payload
+
+
+__all__ = [
+    "ALLOC_VARS", "BenchError", "allocator_env", "allocator_note", "extrapolate", "fit_power_law", "is_quadratic",
+    "meta", "model_config", "peak_rss_kb", "prefill_flops", "pyplot", "report", "reset_peak_rss", "run_worker",
+    "skips_run", "status_kb", "write_json",
+]
 
 
 def pyplot():

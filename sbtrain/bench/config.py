@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from sbtrain import RECIPES_DIR
 from sbtrain.config.model import ConfigError
 
 SUBCOMMANDS = ("ttft", "memory", "decode")
@@ -116,6 +117,36 @@ def lengths(cfg: BenchConfig, subcommand: str) -> list[int]:
 
 def quadratic_max(cfg: BenchConfig, subcommand: str) -> int:
     return parse_length(cfg.quadratic_max_length or DEFAULT_QUADRATIC_MAX[subcommand])
+
+
+def model_names() -> list[str]:
+    """The model recipes (``recipes/model/<name>.yaml``)."""
+    return sorted(p.stem for p in (RECIPES_DIR / "model").glob("*.yaml"))
+
+
+def model_config(name: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The validated ModelConfig of ``recipes/model/<name>.yaml`` with ``model.*`` overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import sbtrain.config  # noqa: F401  registers the model schema
+
+    if name not in model_names():
+        raise BenchError(f"model {name!r} is not a recipe in recipes/model/ (choices: {', '.join(model_names())})")
+    bad = [o for o in overrides if not str(o).startswith("model.")]
+    if bad:
+        raise BenchError(f"model_overrides={bad} must be model.* keys, e.g. [model.num_layers=2]")
+    args = [f"model={name}", *overrides]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the sbtrain-bench Hydra app
+            node = compose("info", overrides=args).model
+        else:
+            with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+                node = compose("info", overrides=args).model
+    except Exception as exc:  # Hydra's message names the bad override
+        raise BenchError(f"model {name} with overrides {list(overrides)}: {exc}") from exc
+    return OmegaConf.to_object(node).validate()
 
 
 def register_bench_schema() -> None:

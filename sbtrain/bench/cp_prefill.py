@@ -11,15 +11,23 @@ keys sit on the last rank, full-attention keys on all): a cp>1 prefill answers t
 only, which is what TTFT measures.
 
 Threads: each rank gets ``threads // cp`` (at least one), so cp=N and cp=1 share the same cores.
+The N processes are fresh interpreters (``spawn``) joined in one gloo group by :func:`run_ranks`;
+a rank that raises, dies or outlives ``timeout_s`` fails the run with its rank and traceback.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 import statistics
+import tempfile
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from parallel.context_parallel import ContextParallel
 from sbtrain.bench.common import skips_run
@@ -43,7 +51,7 @@ def prompt_ids(vocab_size: int, seq_len: int, seed: int) -> torch.Tensor:
 
 
 def rank_main(spec: dict) -> dict:
-    """One rank of a cp=N ttft run (called through :func:`parallel.testing.run_distributed`).
+    """One rank of a cp=N ttft run (called through :func:`run_ranks`).
 
     ``spec``: models (name -> ModelConfig), lengths, repeats, seed, threads, cp_linear,
     quadratic_max, single_above, warmup_tokens. Returns per model and length the timed runs, and
@@ -78,6 +86,64 @@ def rank_main(spec: dict) -> dict:
     return {"runs": runs, "logits": logits, "rank": dist.get_rank(group)}
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank: int, fn, world_size: int, port: int, timeout_s: float, result_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        # A file, not a queue: tensors sent through a multiprocessing queue live in the sender's shared memory.
+        torch.save(fn(*args), os.path.join(result_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_failure(result_dir: str) -> str:
+    """The traceback of the rank that failed first (the others usually fail in a collective after it)."""
+    errors = sorted((os.path.getmtime(os.path.join(result_dir, f)), f)
+                    for f in os.listdir(result_dir) if f.endswith(".err"))
+    if not errors:
+        return ""
+    rank = errors[0][1].removeprefix("rank").removesuffix(".err")
+    with open(os.path.join(result_dir, errors[0][1])) as f:
+        return f"rank {rank} failed first:\n{f.read()}"
+
+
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 600.0) -> list:
+    """``fn(*args)`` on ``world_size`` fresh local processes in one gloo group; their results by rank.
+
+    ``fn`` must be a module-level function. A rank that raises or dies stops the others and raises
+    RuntimeError with the traceback of the rank that failed first; so does a run still going after
+    ``timeout_s`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="sbtrain-cp-") as result_dir:
+        context = mp.start_processes(_rank_entry, args=(fn, world_size, _free_port(), timeout_s, result_dir, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"context-parallel prefill: ranks still running after "
+                                       f"timeout_s={timeout_s:.0f} s (raise timeout_s=)")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            raise RuntimeError(f"context-parallel prefill with {world_size} processes failed: "
+                               f"{_first_failure(result_dir) or exc}") from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(5)
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
 def threads_per_rank(cfg) -> int:
     """``threads // cp`` (at least one): cp=N ranks share the cores the in-process prefill uses."""
     return max(1, (cfg.threads or torch.get_num_threads()) // cfg.cp)
@@ -86,12 +152,10 @@ def threads_per_rank(cfg) -> int:
 def run_cp(models: dict, Ts: list[int], cfg, qmax: int, single_above: int, warmup_tokens: int) -> tuple[dict, dict]:
     """Time cp=``cfg.cp`` prefills in ``cfg.cp`` fresh gloo processes; returns
     ``(points per model, first-token logits per model and length)`` in the in-process layout."""
-    from parallel.testing import run_distributed
-
     spec = {"models": {name: m.config for name, m in models.items()}, "lengths": Ts, "repeats": cfg.repeats,
             "seed": cfg.seed, "threads": threads_per_rank(cfg), "cp_linear": cfg.cp_linear,
             "quadratic_max": qmax, "single_above": single_above, "warmup_tokens": warmup_tokens}
-    ranks = run_distributed(rank_main, cfg.cp, spec, reuse=False, timeout=cfg.timeout_s)
+    ranks = run_ranks(rank_main, cfg.cp, spec, timeout_s=cfg.timeout_s)
     last = next(r for r in ranks if r["rank"] == cfg.cp - 1)
     points = {}
     for name in models:

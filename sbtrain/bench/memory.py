@@ -21,22 +21,13 @@ from sbtrain.bench.common import is_quadratic, meta, model_config, pyplot, repor
 from sbtrain.bench.config import format_length, lengths, quadratic_max
 from sbtrain.bench.worker import fill_cache
 from sbtrain.models import build_model
+from sbtrain.models.mixers import layer_mixers
 
 
 def cache_bytes_formula(cfg, T: int, dtype_bytes: int = 4) -> int:
-    """Decode-cache bytes after T tokens: per layer, a softmax branch keeps K and V for T tokens
-    (full) or a ring of W slots (SWA); a linear branch keeps an fp32 state per KV head."""
-    d_kv = cfg.num_key_value_heads * cfg.resolved_head_dim
-    state = cfg.num_key_value_heads * cfg.resolved_head_dim * cfg.resolved_head_dim * 4
-    total = 0
-    for kind in cfg.layer_types():
-        if kind in ("full", "hybrid_full"):
-            total += 2 * T * d_kv * dtype_bytes
-        if kind in ("swa", "hybrid_swa"):
-            total += 2 * cfg.sliding_window * d_kv * dtype_bytes
-        if kind in ("gla", "hybrid_full", "hybrid_swa"):
-            total += state
-    return total
+    """Decode-cache bytes after T tokens, as each layer's kind declares them: a softmax branch keeps
+    K and V for T tokens (full) or a ring of W slots (SWA); a linear branch an fp32 state per KV head."""
+    return sum(kind.decode_cache_bytes(cfg, T, dtype_bytes) for kind in layer_mixers(cfg))
 
 
 def cache_rows(cfg, model_cfgs: dict, Ts: list[int]) -> list[dict]:

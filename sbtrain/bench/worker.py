@@ -13,18 +13,41 @@ from __future__ import annotations
 
 import gc
 import json
+import re
+import resource
 import statistics
 import sys
 import time
 
 import torch
 
-from sbtrain.bench.common import model_config, peak_rss_kb, reset_peak_rss, status_kb
+from sbtrain.bench.config import model_config
 from sbtrain.models import build_model, decode_step, prefill
 from sbtrain.models.cache import DecodeCache, KVCache
 
 RESULT_PREFIX = "RESULT "
 SEED_TOKENS = 16  # a real prefill this long builds every layer's cache before it is stretched to T
+
+
+# -- resident-set probes (also re-exported by sbtrain.bench.common) --------------------------------
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+def reset_peak_rss() -> str:
+    """Reset the kernel's resident-set high-water mark (VmHWM); else fall back to ru_maxrss,
+    which is monotonic over the process (exact only in a fresh process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_kb(method: str) -> int:
+    return status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Shared Hydra entry for every sbtrain command.
 
-``run_app(task, config_name)`` makes ``task(cfg)`` a Hydra app whose config dir is the repo's
-``recipes/`` folder. Before Hydra runs, the overrides are composed once with Hydra's compose
+``run_app(task, config_name)`` makes ``task(cfg)`` a Hydra app whose config dir is the recipes
+folder shipped with the package (:data:`sbtrain.RECIPES_DIR`: ``recipes/`` in a checkout,
+``sbtrain/recipes`` in an install). Before Hydra runs, the overrides are composed once with Hydra's compose
 API; if that fails, the bad override is located and the error names it with the closest
 valid keys (``model.hiden_size=3`` -> ``did you mean model.hidden_size?``) or config choices
 (``model=sb7x`` -> ``sb7b``), then exits with status 2. An error of the project's own kinds raised
@@ -18,7 +19,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -27,9 +27,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 import sbtrain.config  # noqa: F401  registers the schemas in Hydra's ConfigStore
+from sbtrain import RECIPES_DIR
 from sbtrain.config.model import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 EXIT_CONFIG_ERROR = 2
 EXIT_RUN_ERROR = 1  # a checkpoint that cannot be used, a run that diverged: not the overrides' fault
 DEBUG_ENV = "SBTRAIN_DEBUG"

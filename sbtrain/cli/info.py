@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from sbtrain.cli.app import run_app
 from sbtrain.models.build import build_model, count_parameters
+from sbtrain.models.mixers import layer_mixers
 
 
 def model_info(model_cfg) -> dict:
@@ -16,13 +17,8 @@ def model_info(model_cfg) -> dict:
     cfg = model.config
     kinds = cfg.layer_types()
     info = {"model": cfg.name, **count_parameters(model), "layer_pattern": kinds}
-    if any(kind.startswith("hybrid") for kind in kinds):
-        shared = cfg.hybrid.share_branch_projections
-        info["share_branch_projections"] = shared
-        info["branch_projections"] = (
-            "shared: one q/k/v/o read by both branches" if shared
-            else "separate: each branch has its own q/k/v/o, o outputs averaged"
-        )
+    for kind in dict.fromkeys(layer_mixers(cfg)):  # each kind present adds what it wants shown
+        info.update(kind.info(cfg))
     moe = cfg.moe
     if moe.num_experts:
         info["moe"] = {

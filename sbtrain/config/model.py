@@ -6,13 +6,11 @@ not declared here (a typo in a yaml or in an override) is an error, not a silent
 
 Layer pattern: ``layer_pattern`` lists the mixer kind of each layer; a shorter list is a
 period repeated to fill ``num_layers`` (its length must divide ``num_layers``), so the 7B's
-``[gla, swa]`` means gla at even layers, swa at odd ones. Kinds (:data:`LAYER_KINDS`):
-
-- ``full``        softmax attention over all past tokens (with RoPE)
-- ``swa``         softmax attention over ``sliding_window`` past tokens plus the current one
-- ``gla``         gated linear attention (ReLU feature map, low-rank per-key-dim decay)
-- ``hybrid_full`` / ``hybrid_swa``  the 76B's intra-layer parallel hybrid: a key-tied linear
-  branch beside a full / sliding-window softmax branch with learned sink tokens
+``[gla, swa]`` means gla at even layers, swa at odd ones. The kinds are whatever the mixer
+registry holds (``sbtrain/models/mixers/``: ``full``, ``swa``, ``gla``, ``hybrid_full``,
+``hybrid_swa``, ``gated_delta``, ...); each mixer module registers its name here
+(:func:`register_layer_kind`), so this layer never lists them. The names are checked as soon as
+the registry is loaded (any command that builds a model loads it first).
 """
 
 from __future__ import annotations
@@ -21,7 +19,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-LAYER_KINDS = ("full", "swa", "gla", "hybrid_full", "hybrid_swa")
+# name -> one-line summary, filled by the mixer modules (sbtrain.models.mixers.registry.register)
+LAYER_KINDS: dict[str, str] = {}
 ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
 FEATURE_MAPS = ("relu", "sigmoid", "identity")
 SPIKE_MODES = ("off", "eval", "train")
@@ -33,6 +32,11 @@ SPIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj", "gate_proj",
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the value and the fix."""
+
+
+def register_layer_kind(name: str, summary: str) -> None:
+    """Make ``name`` a valid ``model.layer_pattern`` entry (called by the mixer registry)."""
+    LAYER_KINDS[name] = summary
 
 
 @dataclass
@@ -162,8 +166,11 @@ class ModelConfig:
                 f"{self.num_layers}; give one entry per layer or a period that divides it"
             )
         for kind in pattern:
-            if kind not in LAYER_KINDS:
-                raise ConfigError(f"model.layer_pattern entry {kind!r} is not a layer kind; use one of {LAYER_KINDS}")
+            if not isinstance(kind, str) or not kind:
+                raise ConfigError(f"model.layer_pattern entry {kind!r} must be a layer kind name")
+            if LAYER_KINDS and kind not in LAYER_KINDS:
+                raise ConfigError(f"model.layer_pattern entry {kind!r} is not a layer kind; use one of "
+                                  f"{sorted(LAYER_KINDS)}")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (past tokens seen)")
         if self.gla.feature_map not in FEATURE_MAPS or self.hybrid.feature_map not in FEATURE_MAPS:

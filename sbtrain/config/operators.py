@@ -16,8 +16,10 @@ Unknown op, backend or knob names raise :class:`ConfigError` naming the choices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, make_dataclass
+from typing import Optional
 
+from operators import ops
 from sbtrain.config.model import ConfigError
 
 
@@ -37,23 +39,11 @@ class MacaConfig:
     gla_step: FlaTuningConfig = field(default_factory=FlaTuningConfig)  # fla fused_recurrent_gla (decode)
 
 
-@dataclass
-class OverridesConfig:
-    """One field per op (a typo in an op name is a Hydra error); the value is a backend name of
-    that op, checked against the registry when applied; null: the registry's own choice."""
-
-    gla: str | None = None  # reference (naive) | chunked | fla | fla_maca
-    gla_step: str | None = None  # reference | fla | fla_maca
-    attention: str | None = None  # reference | sdpa | flash_attn
-    rms_norm: str | None = None
-    swiglu: str | None = None
-    rotary: str | None = None
-    grouped_mm: str | None = None  # reference | torch_grouped_mm
-    linear_cross_entropy: str | None = None  # reference | chunked
-    spike: str | None = None
-
-    def table(self) -> dict[str, str]:
-        return {op: backend for op, backend in asdict(self).items() if backend is not None}
+# One field per registered op, built from the registry (a typo in an op name is a Hydra error, and a
+# new op folder needs no line here); the value is a backend name of that op, checked against the
+# registry when applied; null: the registry's own choice.
+OverridesConfig = make_dataclass(
+    "OverridesConfig", [(op, Optional[str], field(default=None)) for op in sorted(ops.OPS)])  # noqa: UP045
 
 
 @dataclass
@@ -72,7 +62,8 @@ class OperatorsConfig:
 
         try:
             maca.merge_tuning(self.tuning())  # both tables checked before either is installed
-            registry.set_overrides(self.overrides.table())
+            table = asdict(self.overrides) if is_dataclass(self.overrides) else dict(self.overrides)
+            registry.set_overrides({op: b for op, b in table.items() if b is not None})
             maca.set_tuning(self.tuning())
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

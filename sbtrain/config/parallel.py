@@ -12,6 +12,7 @@ What combines with what is tabled in docs/PARALLELISM.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from sbtrain.config.model import ConfigError, ModelConfig
@@ -101,6 +102,40 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
         )
     return dims
 
+def validate_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Raise :class:`ConfigError` if ``cfg`` cannot be split over ``tp`` ranks (heads, FFN, vocab)."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp={tp} must be >= 1")
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if hq % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={hq} is not divisible by parallel.tp={tp}: each rank needs whole query "
+            f"heads; choose parallel.tp among the divisors of {hq}"
+        )
+    if hkv % tp:
+        replicated = math.lcm(hkv, tp)
+        fix = (
+            f"or convert the checkpoint with each KV head repeated {replicated // hkv} times "
+            f"(model.num_key_value_heads={replicated}, same function, {replicated // hkv}x the KV cache)"
+            if hq % replicated == 0 else "(KV-head replication cannot help: query heads are not a multiple of tp)"
+        )
+        raise ConfigError(
+            f"model.num_key_value_heads={hkv} is not divisible by parallel.tp={tp}: each rank needs whole KV heads; "
+            f"choose parallel.tp among the divisors of {hkv}, {fix}"
+        )
+    has_dense_ffn = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    if has_dense_ffn and cfg.intermediate_size % tp:
+        raise ConfigError(
+            f"model.intermediate_size={cfg.intermediate_size} is not divisible by parallel.tp={tp}: the dense FFN "
+            f"is split by columns; choose parallel.tp dividing it"
+        )
+    if cfg.vocab_size % tp:
+        padded = -(-cfg.vocab_size // tp) * tp
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={tp}: embeddings and lm_head are "
+            f"split by vocabulary rows; pad the vocabulary to a multiple of tp (e.g. {padded}) or change parallel.tp"
+        )
+
 
 def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, trainer) -> ParallelDims:
     """Every layout error before anything is built, the trainer's own checks against the
@@ -119,8 +154,6 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
             raise ConfigError(f"parallel.{name}={getattr(cfg, name)!r} is unknown; use one of {PARAM_DTYPES}")
     dims = resolve_dims(cfg, world_size)
     if dims.tp > 1:
-        from sbtrain.models.parallelize import validate_tensor_parallel  # the plan's own limits
-
         validate_tensor_parallel(model, dims.tp)
     if trainer.seq_len % (dims.cp * dims.tp):
         raise ConfigError(
@@ -161,4 +194,5 @@ def validate_parallel(cfg: ParallelConfig, world_size: int, model: ModelConfig, 
     return dims
 
 
-__all__ = ["DeepSpeedConfig", "ParallelConfig", "ParallelDims", "resolve_dims", "validate_parallel"]
+__all__ = ["DeepSpeedConfig", "ParallelConfig", "ParallelDims", "resolve_dims", "validate_parallel",
+           "validate_tensor_parallel"]

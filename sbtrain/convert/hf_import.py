@@ -4,10 +4,12 @@ Mapping (docs/DESIGN_NOTES.md §4/§6), by target tensor name (the model's state
 lists them, so the output always matches :func:`sbtrain.models.weights.load_into`):
 
 - embeddings, RMSNorms, dense FFNs, lm_head: copied (tied embeddings are written under both names);
-- ``q/k/v/o_proj``: reused in every layer kind (GLA, SWA, full, hybrid), and copied into
-  ``linear_{q,k,v,o}_proj`` when the hybrid branches do not share projections;
-- new parameters: GLA low-rank gate and sink tokens ~ N(0, init_std), biases zero, output norms
-  ones, betas at ``hybrid.beta_init``, routers ~ N(0, init_std), expert bias zero;
+- a tensor the teacher has under the same name (``q/k/v/o_proj`` in every mixer kind): copied;
+  a mixer kind may name another teacher tensor for one of its own (``MixerKind.hf_source``: the
+  hybrid's separate ``linear_{q,k,v,o}_proj`` start from q/k/v/o);
+- new parameters: the model's own init rule (:func:`sbtrain.models.build.init_specs`: Linear
+  weights and other random tensors ~ N(0, init_std) drawn from (seed, name), biases zero, norms
+  ones, betas at ``hybrid.beta_init``, expert bias zero);
 - MoE layers: upcycled from the layer's dense FFN (:mod:`sbtrain.convert.upcycle`).
 
 Everything is planned and checked first (source shapes and dtypes, target config, output
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from sbtrain import RECIPES_DIR as SBTRAIN_RECIPES
 from sbtrain.config.model import ModelConfig
 from sbtrain.convert.config import ConvertConfig
 from sbtrain.convert.hf_source import (
@@ -39,10 +42,11 @@ from sbtrain.convert.hf_source import (
     source_window,
 )
 from sbtrain.convert.upcycle import routed_expert_weight, shared_expert_weight, upcycle_factors
-from sbtrain.models.build import build_model, to_model_config
+from sbtrain.models.build import build_model, init_specs, to_model_config
+from sbtrain.models.mixers import layer_mixers, mixer_kind
 from sbtrain.models.weights import save_weights, write_manifest
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "model"
+RECIPES_DIR = SBTRAIN_RECIPES / "model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -63,24 +67,30 @@ def target_recipe(target: str) -> dict:
 def layer_kinds(recipe: dict, cfg: ConvertConfig, num_layers: int) -> list[str]:
     """Per-layer mixer kinds: ``layer_pattern=`` or the recipe's, repeated over the source depth.
 
-    When the recipe's pattern does not tile the depth (sb76b lists 28 layers), a hybrid recipe's
-    full-attention layers are placed every p-th layer counted back from the last, p = pattern
-    length / full layers in it (the 76B's 6, 13, 20, 27 of 28 is p = 7)."""
+    When the recipe's pattern mixes one kind that attends over the whole past (``attends_all``:
+    the 76B's ``hybrid_full``) with one that does not, and does not tile the depth (sb76b lists 28
+    layers), the global layers are placed every p-th layer counted back from the last, p = pattern
+    length / global layers in it (the 76B's 6, 13, 20, 27 of 28 is p = 7); ``full_attention_layers=``
+    places them by index instead."""
     pattern = list(cfg.layer_pattern) if cfg.layer_pattern is not None else list(recipe["layer_pattern"])
     kinds = [pattern[i % len(pattern)] for i in range(num_layers)]
-    full_in_recipe = pattern.count("hybrid_full")
-    if cfg.layer_pattern is None and num_layers % len(pattern) and full_in_recipe:
-        period = len(pattern) // full_in_recipe
-        kinds = ["hybrid_full" if (num_layers - 1 - i) % period == 0 else "hybrid_swa" for i in range(num_layers)]
+    distinct = list(dict.fromkeys(pattern))
+    global_kinds = [k for k in distinct if mixer_kind(k).attends_all]
+    pair = (global_kinds[0], next(k for k in distinct if k != global_kinds[0])) \
+        if len(global_kinds) == 1 and len(distinct) == 2 else None
+    if cfg.layer_pattern is None and num_layers % len(pattern) and pair is not None:
+        period = len(pattern) // pattern.count(pair[0])
+        kinds = [pair[0] if (num_layers - 1 - i) % period == 0 else pair[1] for i in range(num_layers)]
     if cfg.full_attention_layers is not None:
-        if not any(k.startswith("hybrid") for k in kinds):
-            raise ConversionError("full_attention_layers= applies to hybrid targets (sb76b); for others give "
-                                  "layer_pattern= with one kind per layer")
+        if pair is None:
+            raise ConversionError(f"full_attention_layers= applies to targets whose pattern pairs one global kind "
+                                  f"with one local kind (sb76b: hybrid_full / hybrid_swa), not {distinct}; give "
+                                  f"layer_pattern= with one kind per layer instead")
         for index in cfg.full_attention_layers:
             if not 0 <= index < num_layers:
                 raise ConversionError(f"full_attention_layers contains {index}, outside 0..{num_layers - 1}")
         full = set(cfg.full_attention_layers)
-        kinds = ["hybrid_full" if i in full else "hybrid_swa" for i in range(num_layers)]
+        kinds = [pair[0] if i in full else pair[1] for i in range(num_layers)]
     return kinds
 
 
@@ -135,8 +145,12 @@ def _seeded_normal(name: str, shape, std: float, seed: int, dtype: torch.dtype) 
 def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
     """``[(target name, producer, kind)]`` for every tensor of the target and the source tensors
     read; checks every copied shape against the target. kind: copy / reuse / new / upcycle."""
-    meta = build_model(model_cfg, device="meta").state_dict()
+    model = build_model(model_cfg, device="meta")
+    meta = model.state_dict()
     std, seed = model_cfg.init_std, cfg.seed
+    rules = init_specs(model, std)  # how the model initialises a tensor the teacher does not have
+    buffers = {n for n, _ in model.named_buffers()}  # fp32 by design (the router's expert bias)
+    kinds = layer_mixers(model_cfg)
     moe = model_cfg.moe
     factors = upcycle_factors(cfg.upcycle.scale, moe.num_experts, moe.top_k, moe.num_shared_experts) \
         if moe.num_experts else None
@@ -153,20 +167,24 @@ def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
         used.add(src)
 
     for name, ref in meta.items():
-        shape, dt = tuple(ref.shape), ref.dtype  # ref dtype: fp32 buffers (expert_bias) stay fp32
+        shape, dt = tuple(ref.shape), ref.dtype
         m = LAYER.fullmatch(name)
         rest = m.group(2) if m else ""
         prefix = f"model.layers.{m.group(1)}." if m else ""
+        # The mixer kind says which teacher tensor a parameter starts from (hybrid: linear_* <- q/k/v/o).
+        mixer_src = None
+        if rest.startswith("self_attn."):
+            rel = rest.removeprefix("self_attn.")
+            mixer_src = prefix + "self_attn." + kinds[int(m.group(1))].hf_source(rel)
         if name in source.shapes and not rest.startswith("mlp.experts"):
             need(name, shape, name)
             plan.append((name, lambda r, s=name: r.get(s), "copy"))
         elif name == "lm_head.weight" and model_cfg.tie_embeddings:
             need("model.embed_tokens.weight", shape, name)
             plan.append((name, lambda r: r.get("model.embed_tokens.weight"), "copy"))
-        elif rest.startswith("self_attn.linear_") and rest.endswith(("proj.weight", "proj.bias")):
-            src = prefix + rest.replace("self_attn.linear_", "self_attn.")
-            need(src, shape, name)
-            plan.append((name, lambda r, s=src: r.get(s), "reuse"))
+        elif mixer_src is not None and mixer_src != name and mixer_src in source.shapes:
+            need(mixer_src, shape, name)
+            plan.append((name, lambda r, s=mixer_src: r.get(s), "reuse"))
         elif rest.startswith(("mlp.experts.", "mlp.shared_expert.")):
             which = rest.split(".")[2].removesuffix("_proj")
             dense = f"{prefix}mlp.{which}_proj.weight"
@@ -181,20 +199,18 @@ def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
                 fn = (lambda r, d=dense, f=factors[which], w=which:
                       shared_expert_weight(r.get(d), f, moe.num_shared_experts, w, r.dtype))
             plan.append((name, fn, "upcycle"))
-        elif rest.endswith("router.expert_bias"):
-            plan.append((name, lambda r, s=shape: torch.zeros(s, dtype=torch.float32), "new"))
-        elif rest.endswith(("router.weight", "sink_k", "sink_v", "gk_proj.0.weight", "gk_proj.1.weight")):
-            plan.append((name, lambda r, n=name, s=shape: _seeded_normal(n, s, std, seed, r.dtype), "new"))
-        elif rest.endswith("gk_proj.1.bias"):
-            plan.append((name, lambda r, s=shape: torch.zeros(s, dtype=r.dtype), "new"))
-        elif rest.endswith(("g_norm.weight", "attn_norm.weight", "linear_norm.weight")):
-            plan.append((name, lambda r, s=shape: torch.ones(s, dtype=r.dtype), "new"))
-        elif rest.endswith(("beta_attn", "beta_linear")):
-            beta = model_cfg.hybrid.beta_init
-            plan.append((name, lambda r, s=shape, b=beta: torch.full(s, b, dtype=r.dtype), "new"))
+        elif name in rules:  # new: the model's own init rule, drawn reproducibly from (seed, name)
+            kind, value = rules[name][2]
+            fp32 = name in buffers
+            if kind == "normal":
+                fn = (lambda r, n=name, s=shape, v=value, f=fp32:
+                      _seeded_normal(n, s, v, seed, torch.float32 if f else r.dtype))
+            else:
+                fn = lambda r, s=shape, v=value, f=fp32: torch.full(s, v, dtype=torch.float32 if f else r.dtype)
+            plan.append((name, fn, "new"))
         else:
             raise ConversionError(f"the target has a tensor {name} {tuple(shape)} ({dt}) the converter has no rule "
-                                  f"for, and the source has no tensor of that name; extend sbtrain.convert.hf_import")
+                                  f"for, and the source has no tensor of that name; give its module an init_specs()")
     skipped = {n for n in source.shapes if n.endswith("rotary_emb.inv_freq")}
     if model_cfg.tie_embeddings:
         skipped.add("lm_head.weight")  # some tied checkpoints also store the head

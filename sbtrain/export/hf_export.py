@@ -44,6 +44,9 @@ from sbtrain.export.w8aspike_export import (
     w8a_total_bytes,
 )
 from sbtrain.models.build import build_model, to_model_config
+from sbtrain.models.mixers import MIXERS
+from sbtrain.models.mixers.hf import HERE as MIXERS_HF
+from sbtrain.models.mixers.hf import exported_text
 from sbtrain.models.model import CausalLM
 from sbtrain.models.weights import CONFIG, WeightsError, load_config, load_into, save_weights
 
@@ -53,6 +56,20 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+MIXERS_BEGIN, MIXERS_END = "# --- sbtrain mixers: begin ---", "# --- sbtrain mixers: end ---"
+
+
+def modeling_code() -> str:
+    """``modeling_sbtrain.py`` as exported: the template with its mixer imports replaced by the text of
+    the shared HF helpers and of every registered kind's HF code (each file once, in registration order)."""
+    template = (HERE / "modeling_sbtrain.py").read_text()
+    head, rest = template.split(MIXERS_BEGIN, 1)
+    tail = rest.split(MIXERS_END, 1)[1]
+    files = list(dict.fromkeys([MIXERS_HF / "common.py", *(kind.export_code for kind in MIXERS.values())]))
+    parts = [f"# -- from sbtrain/models/mixers/hf/{f.name} --\n{exported_text(f)}" for f in files]
+    return head + "\n\n".join(parts) + tail
 
 
 class ExportError(ConfigError):
@@ -232,7 +249,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "generation_config.json").write_text(json.dumps({"use_cache": False, "do_sample": False}, indent=1))
     for name in code_files:
-        shutil.copyfile(HERE / name, tmp / name)
+        if name == "modeling_sbtrain.py":
+            (tmp / name).write_text(modeling_code())
+        else:
+            shutil.copyfile(HERE / name, tmp / name)
     tok = find_tokenizer(source, kind, tokenizer)
     if tok is not None:
         for file in tok.iterdir():

@@ -22,11 +22,10 @@ from torch import nn
 from operators import ops
 from parallel.context_parallel import ContextParallel
 from sbtrain.config.model import ModelConfig
-from sbtrain.models.attention import MixerInputs, SoftmaxAttention
 from sbtrain.models.cache import DecodeCache, LayerCache
-from sbtrain.models.hybrid import HybridAttention
 from sbtrain.models.layers import MLP, RMSNorm, Rotary, default_position_ids
-from sbtrain.models.linear_attention import GatedLinearAttention
+from sbtrain.models.mixers import mixer_kind
+from sbtrain.models.mixers.base import MixerInputs
 from sbtrain.models.moe import MoE
 from sbtrain.models.parallelize import gather_sequence, vocab_parallel_head
 
@@ -39,21 +38,6 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None  # [B,T,V] fp32, only with return_logits=True
 
 
-def build_mixer(kind: str, cfg: ModelConfig, device=None, dtype=None) -> nn.Module:
-    window = cfg.sliding_window
-    if kind == "full":
-        return SoftmaxAttention(cfg, None, device=device, dtype=dtype)
-    if kind == "swa":
-        return SoftmaxAttention(cfg, window, device=device, dtype=dtype)
-    if kind == "gla":
-        return GatedLinearAttention(cfg, device=device, dtype=dtype)
-    if kind == "hybrid_full":
-        return HybridAttention(cfg, None, device=device, dtype=dtype)
-    if kind == "hybrid_swa":
-        return HybridAttention(cfg, window, device=device, dtype=dtype)
-    raise ValueError(f"layer kind {kind!r} is unknown; see sbtrain.config.model.LAYER_KINDS")
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, device=None, dtype=None):
         super().__init__()
@@ -61,7 +45,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         kw = {"device": device, "dtype": dtype}
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = build_mixer(self.kind, cfg, **kw)
+        self.self_attn = mixer_kind(self.kind).build(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if self.is_moe:
             self.mlp = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, **kw)

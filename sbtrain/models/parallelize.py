@@ -34,16 +34,14 @@ Sequence lengths must be multiples of P with sequence parallelism (checked at ea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    ParallelStyle,
     PrepareModuleInput,
     PrepareModuleOutput,
     RowwiseParallel,
@@ -52,119 +50,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from parallel import comm_stats
-from sbtrain.config.model import ConfigError, ModelConfig
-from sbtrain.models.attention import SoftmaxAttention
-from sbtrain.models.hybrid import HybridAttention
-from sbtrain.models.linear_attention import GatedLinearAttention
-
-
-def validate_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Raise :class:`ConfigError` if ``cfg`` cannot be split over ``tp`` ranks (heads, FFN, vocab)."""
-    if tp < 1:
-        raise ConfigError(f"parallel.tp={tp} must be >= 1")
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if hq % tp:
-        raise ConfigError(
-            f"model.num_attention_heads={hq} is not divisible by parallel.tp={tp}: each rank needs whole query "
-            f"heads; choose parallel.tp among the divisors of {hq}"
-        )
-    if hkv % tp:
-        replicated = math.lcm(hkv, tp)
-        fix = (
-            f"or convert the checkpoint with each KV head repeated {replicated // hkv} times "
-            f"(model.num_key_value_heads={replicated}, same function, {replicated // hkv}x the KV cache)"
-            if hq % replicated == 0 else "(KV-head replication cannot help: query heads are not a multiple of tp)"
-        )
-        raise ConfigError(
-            f"model.num_key_value_heads={hkv} is not divisible by parallel.tp={tp}: each rank needs whole KV heads; "
-            f"choose parallel.tp among the divisors of {hkv}, {fix}"
-        )
-    has_dense_ffn = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-    if has_dense_ffn and cfg.intermediate_size % tp:
-        raise ConfigError(
-            f"model.intermediate_size={cfg.intermediate_size} is not divisible by parallel.tp={tp}: the dense FFN "
-            f"is split by columns; choose parallel.tp dividing it"
-        )
-    if cfg.vocab_size % tp:
-        padded = -(-cfg.vocab_size // tp) * tp
-        raise ConfigError(
-            f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={tp}: embeddings and lm_head are "
-            f"split by vocabulary rows; pad the vocabulary to a multiple of tp (e.g. {padded}) or change parallel.tp"
-        )
-
-
-class ReplicatedCompute(ParallelStyle):
-    """Parameters become ``Replicate`` DTensors, but the module runs on plain local tensors (its
-    parameters swapped for differentiable local views during the forward): for modules whose ops
-    have no DTensor sharding rules (MoE dispatch, grouped GEMM) and whose inputs are identical on
-    every rank, so every rank computes the same full gradient (a ``Replicate`` gradient)."""
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        slots = []
-        for owner in module.modules():
-            for name, param in list(owner._parameters.items()):
-                if param is None:
-                    continue
-                dist_param = nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()]), param.requires_grad)
-                owner.register_parameter(name, dist_param)
-                slots.append((owner, name))
-        compute = module.forward
-
-        def forward_on_local_parameters(*args, **kwargs):
-            saved = [owner._parameters[name] for owner, name in slots]
-            try:
-                for (owner, name), param in zip(slots, saved):
-                    owner._parameters[name] = param.to_local()  # autograd carries the grad back to the DTensor
-                return compute(*args, **kwargs)
-            finally:
-                for (owner, name), param in zip(slots, saved):
-                    owner._parameters[name] = param
-
-        module.forward = forward_on_local_parameters
-        return module
-
-
-class ShardParameters(ParallelStyle):
-    """Shard named parameters of a module (no input / output handling): the module reads them with
-    :func:`sbtrain.models.layers.local_tensor` (hybrid sinks by KV head, betas by channel)."""
-
-    def __init__(self, placements: dict[str, int]):
-        self.placements = placements
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, dim in self.placements.items():
-            param = getattr(module, name)
-            if param is not None:
-                module.register_parameter(name, nn.Parameter(distribute_tensor(param, device_mesh, [Shard(dim)])))
-        return module
-
-
-def _as_replicate_dtensor(module, inputs, device_mesh):
-    """Input hook: a plain (replicated) input becomes a ``Replicate`` DTensor for DTensor compute."""
-    x = inputs[0]
-    return x if isinstance(x, DTensor) else DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
-
-
-def _mixer_plan(mixer: nn.Module, residual) -> dict[str, ParallelStyle]:
-    plan: dict[str, ParallelStyle] = {
-        "": PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None)),
-        "q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
-        "o_proj": RowwiseParallel(output_layouts=residual),
-    }
-    if isinstance(mixer, GatedLinearAttention):
-        plan["gk_proj.1"] = ColwiseParallel()  # per KV head, like k
-        # Per-head norms: replicated weight on this rank's heads ([B,T,H_local,D] = "Shard(2)"); its
-        # grad is a partial sum over the ranks' heads, all-reduced by _grad_to_param_placement.
-        plan["g_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    elif isinstance(mixer, HybridAttention):
-        if not mixer.shared:
-            plan.update({f"linear_{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")})
-            plan["linear_o_proj"] = RowwiseParallel(output_layouts=residual)
-        plan["attn_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        plan["linear_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    elif not isinstance(mixer, SoftmaxAttention):
-        raise TypeError(f"no tensor-parallel plan for mixer {type(mixer).__name__}; add one in {__name__}")
-    return plan
+from sbtrain.config.parallel import validate_tensor_parallel
+from sbtrain.models.mixers import kind_of
+from sbtrain.models.tp_styles import ReplicatedCompute, ShardParameters
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
@@ -183,9 +71,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
     })
     for block in model.model.layers:
-        mixer = block.self_attn
-        plan = {f"self_attn.{k}" if k else "self_attn": v for k, v in _mixer_plan(mixer, residual).items()}
-        plan["input_layernorm"] = norm_style
+        kind_of(block.self_attn).tensor_parallel(block.self_attn, tp_mesh, residual)  # the kind's own plan
+        plan = {"input_layernorm": norm_style}
         plan["post_attention_layernorm"] = norm_style
         if block.is_moe:
             moe_plan = [ReplicatedCompute()]
@@ -203,11 +90,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                 "mlp.down_proj": RowwiseParallel(output_layouts=residual),
             })
         parallelize_module(block, tp_mesh, plan)
-        if isinstance(mixer, GatedLinearAttention):
-            distribute_module(mixer.gk_proj[0], tp_mesh, input_fn=_as_replicate_dtensor)  # rank-16: replicated
-        elif isinstance(mixer, HybridAttention):
-            parallelize_module(mixer, tp_mesh, ShardParameters(
-                {"sink_k": 1, "sink_v": 1, "beta_attn": 0, "beta_linear": 0}))
     if cfg.tie_embeddings:  # both styles shard the vocabulary rows: one DTensor serves both
         model.lm_head.weight = model.model.embed_tokens.weight
     for name, param in model.named_parameters():

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sbtrain.config.parallel import ParallelConfig, resolve_dims, validate_parallel
 from sbtrain.config.train import TrainerConfig
 from sbtrain.models.build import to_model_config
+from sbtrain.models.mixers import layer_mixers
 from sbtrain.plan.activations import FP32, Shapes, block_activations, head_saved, per_forward
 from sbtrain.plan.params import plan_params, state_bytes
 
@@ -111,7 +112,7 @@ def plan_memory(model, world: int, parallel, trainer, device: str = "cuda") -> M
     blocks = [block_activations(s, mcfg, i, plan.blocks[i].linear_local, copies) for i in range(mcfg.num_layers)]
     mode = tcfg.activation_checkpointing
     keep = [b.input if checkpointed(mode, i) else b.saved for i, b in enumerate(blocks)]
-    rotary = any(k != "gla" for k in mcfg.layer_types())
+    rotary = any(kind.uses_rope for kind in layer_mixers(mcfg))
     fwd = per_forward(s, rotary)
     head, head_fwd, head_bwd = head_saved(s, device, bf16)
 

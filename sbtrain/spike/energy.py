@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from sbtrain.models.mixers import mixer_kind
+from sbtrain.models.mixers.attention import mean_context
 from sbtrain.models.moe import Experts, Router
 
 PJ = {"fp16_mac": 1.5, "int8_mac": 0.23, "int8_add": 0.03}
@@ -110,25 +112,11 @@ class OtherMatmuls:
         return {k: self.rows[k] * self.macs_per_row[k] / tokens for k in self.rows if self.rows[k]} if tokens else {}
 
 
-def mean_context(seq_len: int, window: int | None, sinks: int = 0) -> float:
-    """Mean keys a causal query sees over positions 0..seq_len-1 (``window`` past tokens + itself)."""
-    visible = [min(t + 1, window + 1) if window is not None else t + 1 for t in range(seq_len)]
-    return sum(visible) / seq_len + sinks
-
-
 def analytic_macs(cfg, seq_len: int) -> dict[str, float]:
     """Per-token MACs of lm_head, the attention products and the GLA state work, per layer (module docstring)."""
-    H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
     out = {"lm_head": float(cfg.hidden_size * cfg.vocab_size)}
     for i, kind in enumerate(cfg.layer_types()):
-        macs = 0.0
-        if kind in ("gla", "hybrid_full", "hybrid_swa"):
-            macs += (Hkv + H) * d * d
-        if kind in ("full", "swa", "hybrid_full", "hybrid_swa"):
-            window = cfg.sliding_window if kind.endswith("swa") else None
-            sinks = cfg.hybrid.num_sink_tokens if kind.startswith("hybrid") else 0
-            macs += 2 * H * d * mean_context(seq_len, window, sinks)
-        out[f"layers.{i}.{kind}"] = macs
+        out[f"layers.{i}.{kind}"] = float(mixer_kind(kind).core_macs_per_token(cfg, seq_len))  # the kind's own count
     return out
 
 

@@ -7,7 +7,8 @@ Per token, forward + backward, recomputation excluded (that is HFU's business):
   + 12 · min(W, T/2) · d           per sliding-window layer (= the causal value while T <= 2W)
   + 3 · H · (2·C·(d_k + d_v) + 4·d_k·d_v)   per gated-linear-attention layer (H query heads, C = 64)
 
-An intra-layer hybrid layer pays its softmax branch and its linear branch. See docs/MFU.md.
+An intra-layer hybrid layer pays its softmax branch and its linear branch. Each mixer kind declares
+its own term (``MixerKind.flops_per_token`` in ``sbtrain/models/mixers/``). See docs/MFU.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-GLA_CHUNK = 64
+from sbtrain.models.mixers import mixer_kind
 
 # Dense (no sparsity) peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
 # Each row: (name substring, bf16, fp32 without TF32, source). The first match wins, so the
@@ -44,12 +45,8 @@ PEAK_DATASHEET, PEAK_OVERRIDE, PEAK_MEASURED, PEAK_UNKNOWN = "datasheet", "overr
 
 
 def mixer_flops_per_token(kind: str, seq_len: int, cfg) -> float:
-    hd = cfg.resolved_head_dim
-    d = cfg.num_attention_heads * hd
-    full = 6.0 * seq_len * d
-    swa = 12.0 * min(cfg.sliding_window, seq_len / 2) * d
-    gla = 3.0 * cfg.num_attention_heads * (2 * GLA_CHUNK * (2 * hd) + 4 * hd * hd)
-    return {"full": full, "swa": swa, "gla": gla, "hybrid_full": full + gla, "hybrid_swa": swa + gla}[kind]
+    """The sequence-mixing core's training FLOPs per token, as the layer kind declares them."""
+    return mixer_kind(kind).flops_per_token(cfg, seq_len)
 
 
 def flops_per_token(cfg, seq_len: int, active_non_embedding: int, lm_head: int) -> float:

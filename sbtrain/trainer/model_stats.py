@@ -33,7 +33,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from sbtrain.models.spiking import SpikeInput
@@ -110,21 +109,17 @@ class ModelStatsCallback(Callback):
             self._arm(trainer.model)
 
     def _arm(self, model: torch.nn.Module) -> None:
-        from sbtrain.models.hybrid import HybridAttention
-        from sbtrain.models.linear_attention import GatedLinearAttention
         from sbtrain.models.moe import MoE
 
         self.decay, self.moe, self.spikes, self.grad_norms = {}, {}, {}, {}
         self.armed = True
         for name, module in model.named_modules():
             layer = group_of(name)
-            if isinstance(module, GatedLinearAttention):
+            probe = getattr(module, "decay_probe", None)  # a mixer with a data-dependent decay says where
+            if probe is not None:
+                source, to_decay = probe()
                 self.decay[layer] = _Sums()
-                self.handles.append(module.gk_proj.register_forward_hook(self._gla_hook(layer, module.gate_normalizer)))
-            elif isinstance(module, HybridAttention):
-                self.decay[layer] = _Sums()
-                k_proj = module.k_proj if module.shared else module.linear_k_proj
-                self.handles.append(k_proj.register_forward_hook(self._key_tied_hook(layer)))
+                self.handles.append(source.register_forward_hook(self._decay_hook(layer, to_decay)))
             elif isinstance(module, MoE):
                 self.moe[layer] = {"counts": _Sums(), "dropped": 0, "entropy": _Sums()}
                 self.handles.append(module.register_forward_hook(self._moe_hook(layer)))
@@ -144,19 +139,11 @@ class ModelStatsCallback(Callback):
         self.armed = False
 
     # -- hooks ------------------------------------------------------------------------------------
-    def _gla_hook(self, layer: str, normalizer: float):
+    def _decay_hook(self, layer: str, to_decay):
         def hook(module, args, out):
             if module.training:
                 with torch.no_grad():
-                    alpha = torch.exp(F.logsigmoid(_local(out).float()) / normalizer)
-                    self._add_decay(layer, alpha)
-        return hook
-
-    def _key_tied_hook(self, layer: str):
-        def hook(module, args, out):
-            if module.training:
-                with torch.no_grad():
-                    self._add_decay(layer, torch.sigmoid(-_local(out).float()))  # alpha = 1 - sigmoid(k_pre)
+                    self._add_decay(layer, to_decay(_local(out)))
         return hook
 
     def _add_decay(self, layer: str, alpha: torch.Tensor) -> None:

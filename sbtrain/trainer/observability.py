@@ -15,14 +15,17 @@ ones a config turns on, so an unobserved run has no extra callback at all.
   ``slow_rank`` record. Limit: waiting inside FSDP's own collectives is not subtracted, so a
   straggler in compute shows mostly in the ranks' *equal* step times; one in data loading or in
   anything before the step's first all-reduce is named.
-- :class:`EvalCallback` — every ``every`` steps, ``sbtrain.eval.evaluate_ppl`` /
-  ``loss_by_position`` (imported lazily) on the validation micro batches (one window per row);
-  every rank scores its share, rank 0 records what it measured on its own (kind ``eval``).
+- ``observe.eval`` — :class:`sbtrain.eval.callback.EvalCallback`, every ``every`` steps
+  ``sbtrain.eval.evaluate_ppl`` / ``loss_by_position`` on the validation micro batches. The eval
+  room sits above the trainer (tests/test_architecture.py), so this module does not import it:
+  the caller hands the class in (``build_observability(..., eval_callback=EvalCallback)``, as
+  ``sbtrain.train`` does).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,54 +131,11 @@ class SlowRankDetector(Callback):
             trainer.log_record("slow_rank", self.last)
 
 
-class EvalCallback(Callback):
-    all_ranks = True  # a sharded model's forward needs every rank
-
-    def __init__(self, every: int, ppl: bool = True, loss_by_position: bool = False, max_batches: int = 0):
-        self.every, self.ppl, self.by_position, self.max_batches = every, ppl, loss_by_position, max_batches
-        self.warned = False
-
-    def windows(self, trainer) -> tuple[list, int]:
-        """This rank's validation micro batches as ``sbtrain.eval`` windows (one per row, with the
-        loader's labels), and the rows per micro batch (the scoring batch size). Packed rows are
-        scored as one window: documents in it see each other (no document masking here)."""
-        from sbtrain.eval import Window
-
-        windows, rows = [], 1
-        for i, mb in enumerate(trainer.valid_data.batches()):
-            if self.max_batches and i >= self.max_batches:
-                break
-            rows = mb["input_ids"].shape[0]
-            windows += [Window(ids, labels) for ids, labels in zip(mb["input_ids"], mb["labels"])]
-        return windows, rows
-
-    def on_step_end(self, trainer, metrics):
-        if trainer.step % self.every:
-            return
-        if trainer.valid_data is None:
-            if not self.warned:
-                log.warning("observe.eval.every=%d but there is no validation split (data.valid_fraction=0)",
-                            self.every)
-                self.warned = True
-            return
-        from sbtrain import eval as sbeval  # lazily: only runs that evaluate import it
-
-        windows, rows = self.windows(trainer)
-        record: dict = {"step": trainer.step, "tokens": trainer.tokens}
-        with torch.no_grad():  # the functions restore the model's train/eval mode themselves
-            if self.ppl:
-                stats = sbeval.evaluate_ppl(trainer.model, windows, batch_size=rows)
-                record.update(ppl=stats.ppl, loss=stats.loss, eval_tokens=stats.tokens)
-            if self.by_position:
-                from sbtrain.eval.loss_by_position import loss_by_position
-
-                record["loss_by_position"] = loss_by_position(trainer.model, windows, batch_size=rows).buckets()
-        if trainer._rank0:
-            trainer.log_record("eval", record)
-
-
-def build_observability(cfg, out_dir: str | Path, cp: int = 1, eval_batches: int = 0) -> list[Callback]:
-    """The callbacks an ``ObserveConfig`` turns on (none by default)."""
+def build_observability(cfg, out_dir: str | Path, cp: int = 1, eval_batches: int = 0,
+                        eval_callback: Callable[..., Callback] | None = None) -> list[Callback]:
+    """The callbacks an ``ObserveConfig`` turns on (none by default). ``eval_callback`` makes the
+    ``observe.eval`` callback from ``every=, ppl=, loss_by_position=, max_batches=``
+    (:class:`sbtrain.eval.callback.EvalCallback`); only a config with ``observe.eval.every`` needs it."""
     cfg.validate()
     callbacks: list[Callback] = []
     if cfg.profile.num_steps:
@@ -190,8 +150,12 @@ def build_observability(cfg, out_dir: str | Path, cp: int = 1, eval_batches: int
         if cp > 1:
             raise ConfigError(f"observe.eval.every={cfg.eval.every} runs whole windows on each rank; with "
                               f"parallel.cp={cp} set observe.eval.every=0 (trainer.eval_every still works)")
-        callbacks.append(EvalCallback(cfg.eval.every, cfg.eval.ppl, cfg.eval.loss_by_position, eval_batches))
+        if eval_callback is None:
+            raise ValueError("observe.eval.every is set but build_observability got no eval_callback: pass "
+                             "eval_callback=sbtrain.eval.callback.EvalCallback")
+        callbacks.append(eval_callback(every=cfg.eval.every, ppl=cfg.eval.ppl,
+                                       loss_by_position=cfg.eval.loss_by_position, max_batches=eval_batches))
     return callbacks
 
 
-__all__ = ["EvalCallback", "ModelStatsCallback", "ProfilerCallback", "SlowRankDetector", "build_observability"]
+__all__ = ["ModelStatsCallback", "ProfilerCallback", "SlowRankDetector", "build_observability"]

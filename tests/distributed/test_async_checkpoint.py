@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
-from parallel.testing import run_distributed
 from sbtrain.trainer import checkpoint as C
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import build_case
 
 pytestmark = pytest.mark.distributed

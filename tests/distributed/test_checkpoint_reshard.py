@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.testing import run_distributed
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import build_case, full_state
 
 pytestmark = pytest.mark.distributed

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from parallel.testing import run_distributed
 from sbtrain.trainer import checkpoint as C
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import build_case
 
 pytestmark = pytest.mark.distributed

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from operators import ops
 from parallel import comm_stats
 from parallel.context_parallel import ContextParallel
-from parallel.testing import run_distributed
+from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 

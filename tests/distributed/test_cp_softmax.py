@@ -22,7 +22,7 @@ from operators import ops
 from parallel import comm_stats
 from parallel.context_parallel import ContextParallel
 from parallel.context_parallel.ulysses import ulysses_layout
-from parallel.testing import run_distributed
+from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 

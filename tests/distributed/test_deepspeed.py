@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.testing import run_distributed
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.build import build_model
+from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.testing import run_distributed
 from sbtrain.models.build import build_model
+from tests.distributed.harness import run_distributed
 from tests.distributed.test_deepspeed import CLIP, WORLD, _assert_close, _model, _model_config, _sgd, _train
 
 pytestmark = pytest.mark.distributed

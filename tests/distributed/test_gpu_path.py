@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.testing import run_distributed
 from sbtrain.trainer.callbacks import Callback
 from sbtrain.trainer.flops import PEAK_MEASURED, PEAK_OVERRIDE
 from sbtrain.trainer.model_stats import ModelStatsCallback
 from tests.distributed.device_check import collectives_on_device
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import SyntheticData, assert_same_training, build_case, train_case
 
 pytestmark = pytest.mark.distributed

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.testing import DistributedWorkerError, run_distributed
+from tests.distributed.harness import DistributedWorkerError, run_distributed
 
 pytestmark = pytest.mark.distributed
 

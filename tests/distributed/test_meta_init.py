@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from parallel.testing import run_distributed
 from sbtrain.config.model import ModelConfig
 from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import TrainerConfig
 from sbtrain.models.build import build_model, local_region
 from sbtrain.models.weights import WeightsError, save_weights
 from sbtrain.trainer.distributed import build_parallel_model, make_mesh
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import model_config
 
 pytestmark = pytest.mark.distributed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.testing import run_distributed
+from tests.distributed.harness import run_distributed
 from tests.distributed.parallel_cases import assert_same_training, train_case
 
 pytestmark = pytest.mark.distributed

@@ -24,10 +24,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from parallel.testing import run_distributed
 from sbtrain.config.model import ConfigError
+from sbtrain.config.parallel import validate_tensor_parallel
 from sbtrain.models import build_model
-from sbtrain.models.parallelize import apply_tensor_parallel, validate_tensor_parallel
+from sbtrain.models.parallelize import apply_tensor_parallel
+from tests.distributed.harness import run_distributed
 from tests.models.helpers import recipe
 
 pytestmark = pytest.mark.distributed

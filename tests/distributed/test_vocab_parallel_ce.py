@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from operators import ops
-from parallel.testing import run_distributed
+from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -95,7 +95,7 @@ def _real_local_elements(specs):
 
 @pytest.mark.distributed
 def test_placement_matches_the_real_parallelisms():
-    from parallel.testing import run_distributed
+    from tests.distributed.harness import run_distributed
 
     specs = [("sb7b", {"tp": 2}), ("sb76b", {"tp": 2}), ("sb76b", {"ep": 2}), ("sb7b", {}), ("sb76b", {"cp": 2})]
     rank0 = run_distributed(_real_local_elements, 2, specs)[0]

@@ -17,8 +17,8 @@ from operators.fast_elementwise import grouped_mm_torch
 from operators.gla.chunked import gla_chunked
 from operators.registry import prepare_for_compile, set_profiling
 from sbtrain.export.hf_export import load_source
-from sbtrain.models.attention import MixerInputs
 from sbtrain.models.layers import Rotary, default_position_ids
+from sbtrain.models.mixers.base import MixerInputs
 from tests.models.helpers import tiny_model
 from tests.trainer.e2e import losses, run
 

@@ -18,15 +18,15 @@ from hydra.errors import ConfigCompositionException
 
 from operators import ops, registry
 from sbtrain.config.model import ConfigError
-from sbtrain.config.observe import ObserveConfig, SlowRankConfig
+from sbtrain.config.observe import EvalObserveConfig, ObserveConfig, SlowRankConfig
 from sbtrain.config.train import OptimConfig, TrainerConfig
+from sbtrain.eval.callback import EvalCallback
 from sbtrain.models import build_model
 from sbtrain.models.moe import MoE
 from sbtrain.models.spiking import SpikeInput
 from sbtrain.trainer.callbacks import Callback, JSONLMetrics
 from sbtrain.trainer.model_stats import group_of
 from sbtrain.trainer.observability import (
-    EvalCallback,
     ModelStatsCallback,
     ProfilerCallback,
     SlowRankDetector,
@@ -142,8 +142,10 @@ def test_train_cli_wires_observe_overrides(dataset, tmp_path):
     from tests.trainer.e2e import run
 
     summary = run(dataset, tmp_path, "trainer.max_steps=2", "observe.model_stats.every=2",
-                  "observe.profile.start_step=0", "observe.profile.num_steps=1")
+                  "observe.profile.start_step=0", "observe.profile.num_steps=1", "observe.eval.every=2")
     assert summary["step"] == 2
+    (evaluated,) = records(tmp_path / "metrics.jsonl", "eval")  # sbtrain.train passes eval_callback
+    assert evaluated["step"] == 2 and evaluated["ppl"] > 1
     (stats,) = records(tmp_path / "metrics.jsonl", "model_stats")
     assert stats["step"] == 2 and set(stats["gla_decay"]) == {"layers.0"} and "layers.1" in stats["grad_norm"]
     (profile,) = records(tmp_path / "metrics.jsonl", "profile")
@@ -256,7 +258,7 @@ def _slow_rank_worker(model_cfg, metrics_path: str) -> dict:
 
 
 def test_slow_rank_detector_names_the_sleeping_rank(tmp_path):
-    from parallel.testing import run_distributed
+    from tests.distributed.harness import run_distributed
 
     metrics = tmp_path / "metrics.jsonl"
     results = run_distributed(_slow_rank_worker, 2, recipe("sb7b_tiny", TINY), str(metrics))
@@ -281,7 +283,7 @@ def _fsdp_stats_worker(spec: dict) -> dict:
 def test_model_stats_under_fsdp_equal_single_process():
     """2 ranks, FSDP-sharded (DTensor) gradients, each rank half the global batch: the per-layer
     norms, decay, loads and entropies describe the whole batch, as one process computes them."""
-    from parallel.testing import run_distributed
+    from tests.distributed.harness import run_distributed
 
     spec = {"model": "sb76b", "global_batch": 4, "micro_batch": 1, "seq_len": 8, "steps": 1}
     reference = _fsdp_stats_worker(spec)
@@ -337,3 +339,10 @@ def test_observe_config_typos_and_bad_values_are_errors(tmp_path):
         ObserveConfig(slow_rank=SlowRankConfig(factor=0.5)).validate()
     with pytest.raises(ConfigError, match="observe.model_stats.every=-1"):
         build_observability(ObserveConfig(model_stats=type(observe.model_stats)(every=-1)), tmp_path)
+    # observe.eval: the eval room is above the trainer, so the caller hands the callback class in.
+    evaluating = ObserveConfig(eval=EvalObserveConfig(every=3, loss_by_position=True))
+    (callback,) = build_observability(evaluating, tmp_path, eval_batches=2, eval_callback=EvalCallback)
+    assert isinstance(callback, EvalCallback)
+    assert (callback.every, callback.ppl, callback.by_position, callback.max_batches) == (3, True, True, 2)
+    with pytest.raises(ValueError, match="eval_callback=sbtrain.eval.callback.EvalCallback"):
+        build_observability(evaluating, tmp_path)

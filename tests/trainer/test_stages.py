@@ -155,7 +155,7 @@ def test_cp_degree_changes_between_stages_on_two_ranks(dataset, reference, tmp_p
     """dp=2 -> cp=2 at a stage boundary: the FSDP shards of stage a's final checkpoint load into the
     cp mesh, the document cursor carries over, and every step's loss equals the one-process run's
     (up to the summation order of the sharded loss and the CP state exchange)."""
-    from parallel.testing import run_distributed
+    from tests.distributed.harness import run_distributed
 
     assert "cp:2" in PLAN_CP and PLAN_CP.count("cp:2") == 2
     summaries = run_distributed(_staged_two_ranks, 2, dataset, str(tmp_path), timeout=600)

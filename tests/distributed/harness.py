@@ -59,7 +59,7 @@ def _result_path(result_dir: str, rank: int) -> str:
 
 
 # Imported once by the forkserver so that forked workers start with them loaded.
-_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "parallel.testing"]
+_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "tests.distributed.harness"]
 
 
 def _worker_env(env: dict, rank: int, world_size: int, addr: str, port: int) -> None:
