@@ -4,6 +4,8 @@ has its own distributed form (docs/DESIGN_NOTES.md §3, §7):
 - linear attention (GLA, the hybrid's linear branch): LASP-2 state all-gather
   (``method="allgather"``) or a pipelined P2P scan of the state split along the key dim
   (``method="scan"``) — traffic independent of the sequence length;
+- any recurrence whose state is affine in its initial state (Gated DeltaNet): one pass of the op
+  itself for the shard's state and transition, an all-gather, a second pass (``recurrent.py``);
 - sliding-window attention: a halo exchange of the last W keys/values of the previous rank(s);
 - full attention: Ulysses all-to-all (sequence <-> heads).
 
@@ -59,6 +61,13 @@ class ContextParallel:
         from parallel.context_parallel.linear import gla_context_parallel
 
         return gla_context_parallel(q, k, v, g, self)
+
+    def recurrent(self, op, q, k, v, *gates, **op_kwargs) -> torch.Tensor:
+        """``op(q, k, v, *gates)[0]`` over the whole sequence for any op whose state is affine in its
+        initial state (``ops.gated_delta``, ...): the generic form of ``recurrent.py``."""
+        from parallel.context_parallel.recurrent import recurrent_context_parallel
+
+        return recurrent_context_parallel(op, q, k, v, *gates, cp=self, **op_kwargs)
 
     def attention(self, q, k, v, *, window: int | None, sink_k=None, sink_v=None) -> torch.Tensor:
         """Causal ``ops.attention`` over the whole sequence: Ulysses for full attention, a halo
