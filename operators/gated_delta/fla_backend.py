@@ -28,50 +28,26 @@ computes bf16 ``tl.dot`` wrongly.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
+from operators.fla_common import CPU_VIA_INTERPRETER, PLATFORMS, decline_device, fla_available, layout_kwargs
 from operators.gated_delta.naive import check_gated_delta_args, check_gated_delta_step_args
 from operators.gated_delta.op import gated_delta, gated_delta_step
 from operators.registry import Backend
-from operators.triton_interpreter import install_shims, interpreter_enabled
+from operators.triton_interpreter import install_shims
 
 MAX_KEY_DIM = 256
 MIN_HEAD_DIM = 16
-# Read once: fla's kernels are compiled or interpreted depending on TRITON_INTERPRET when fla
-# is imported, so a later change of the variable could not take effect anyway.
-CPU_VIA_INTERPRETER = interpreter_enabled()
-PLATFORMS = ("cuda", "cpu") if CPU_VIA_INTERPRETER else ("cuda",)
 
 
-def _available() -> bool:
-    if not (torch.cuda.is_available() or CPU_VIA_INTERPRETER):
-        return False
-    import fla.ops.gated_delta_rule  # noqa: F401  (raises ImportError when fla is missing -> unavailable)
-
-    if CPU_VIA_INTERPRETER:
-        install_shims()  # before any fla kernel runs
-    return True
-
-
-@functools.cache
-def _layout_kwargs(fn) -> tuple:
-    """``(("head_first", False),)`` if this fla version still takes head_first, else ()."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return ()
-    return (("head_first", False),) if "head_first" in params else ()
+def _fla_available() -> bool:
+    return fla_available("fla.ops.gated_delta_rule")  # raises ImportError when fla is missing -> unavailable
 
 
 def _decline(q, k, v) -> str | None:
-    if q.device.type == "cpu" and CPU_VIA_INTERPRETER:
-        if q.dtype == torch.bfloat16:
-            return "bf16 under the Triton interpreter: its bf16 tl.dot is wrong (a Triton limitation)"
-    elif q.device.type != "cuda":
-        return f"fla runs on CUDA tensors only (CPU ones under TRITON_INTERPRET=1), got {q.device.type}"
+    reason = decline_device(q)
+    if reason:
+        return reason
     Dk, Dv = q.shape[-1], v.shape[-1]
     if Dk > MAX_KEY_DIM:
         return f"key head dim {Dk} exceeds fla's {MAX_KEY_DIM}"
@@ -114,7 +90,7 @@ def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlen
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=False,
         cu_seqlens=cu_seqlens,
-        **dict(_layout_kwargs(chunk_gated_delta_rule)),
+        **dict(layout_kwargs(chunk_gated_delta_rule)),
     )
 
 
@@ -185,16 +161,16 @@ def gated_delta_step_fla(q, k, v, g, beta, state, scale: float | None = None):
             initial_state=state,
             output_final_state=True,
             use_qk_l2norm_in_kernel=False,
-            **dict(_layout_kwargs(fused_recurrent_gated_delta_rule)),
+            **dict(layout_kwargs(fused_recurrent_gated_delta_rule)),
         )
     return o[:, 0].to(q.dtype), _one_per_kv_head(new_state, group)
 
 
 gated_delta.register(
-    Backend(name="fla", fn=gated_delta_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_accepts)
+    Backend(name="fla", fn=gated_delta_fla, priority=20, platforms=PLATFORMS, is_available=_fla_available, accepts=_accepts)
 )
 gated_delta_step.register(
     Backend(
-        name="fla", fn=gated_delta_step_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_accepts
+        name="fla", fn=gated_delta_step_fla, priority=20, platforms=PLATFORMS, is_available=_fla_available, accepts=_accepts
     )
 )

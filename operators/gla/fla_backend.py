@@ -27,50 +27,26 @@ bf16 ``tl.dot`` wrongly. Without the variable nothing changes: CUDA only, as bef
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
+from operators.fla_common import CPU_VIA_INTERPRETER, PLATFORMS, decline_device, fla_available, layout_kwargs
 from operators.gla.op import gla, gla_step
 from operators.gla.reference import check_gla_args, expand_gate
 from operators.registry import Backend
-from operators.triton_interpreter import install_shims, interpreter_enabled
+from operators.triton_interpreter import install_shims
 
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 16
-# Read once: fla's kernels are compiled or interpreted depending on TRITON_INTERPRET when fla
-# is imported, so a later change of the variable could not take effect anyway.
-CPU_VIA_INTERPRETER = interpreter_enabled()
-PLATFORMS = ("cuda", "cpu") if CPU_VIA_INTERPRETER else ("cuda",)
 
 
-def _available() -> bool:
-    if not (torch.cuda.is_available() or CPU_VIA_INTERPRETER):
-        return False
-    import fla  # noqa: F401  (raises ImportError when fla is missing -> unavailable)
-
-    if CPU_VIA_INTERPRETER:
-        install_shims()  # before any fla kernel runs
-    return True
-
-
-@functools.cache
-def _layout_kwargs(fn) -> tuple:
-    """``(("head_first", False),)`` if this fla version still takes head_first, else ()."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return ()
-    return (("head_first", False),) if "head_first" in params else ()
+def _fla_available() -> bool:
+    return fla_available("fla")  # raises ImportError when fla is missing -> unavailable
 
 
 def _decline(q, k, v) -> str | None:
-    if q.device.type == "cpu" and CPU_VIA_INTERPRETER:
-        if q.dtype == torch.bfloat16:
-            return "bf16 under the Triton interpreter: its bf16 tl.dot is wrong (a Triton limitation)"
-    elif q.device.type != "cuda":
-        return f"fla runs on CUDA tensors only (CPU ones under TRITON_INTERPRET=1), got {q.device.type}"
+    reason = decline_device(q)
+    if reason:
+        return reason
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed fla's {MAX_HEAD_DIM}"
     if min(q.shape[-1], v.shape[-1]) < MIN_HEAD_DIM:
@@ -122,7 +98,7 @@ def gla_fla(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
-        **dict(_layout_kwargs(chunk_gla)),
+        **dict(layout_kwargs(chunk_gla)),
     )
     if output_final_state and final is not None:
         final = final.float()
@@ -158,7 +134,7 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
         scale=scale,
         initial_state=state.float(),
         output_final_state=True,
-        **dict(_layout_kwargs(fused_recurrent_gla)),
+        **dict(layout_kwargs(fused_recurrent_gla)),
     )
     new_state = new_state.float()
     if group > 1:
@@ -167,10 +143,10 @@ def gla_step_fla(q, k, v, g, state, scale: float | None = None):
 
 
 gla.register(
-    Backend(name="fla", fn=gla_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_gla_accepts)
+    Backend(name="fla", fn=gla_fla, priority=20, platforms=PLATFORMS, is_available=_fla_available, accepts=_gla_accepts)
 )
 gla_step.register(
     Backend(
-        name="fla", fn=gla_step_fla, priority=20, platforms=PLATFORMS, is_available=_available, accepts=_step_accepts
+        name="fla", fn=gla_step_fla, priority=20, platforms=PLATFORMS, is_available=_fla_available, accepts=_step_accepts
     )
 )

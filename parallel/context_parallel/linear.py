@@ -44,6 +44,18 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_shard(q: torch.Tensor, cp, what: str) -> None:
+    """``q`` must be this rank's shard (``[B, seq_len/cp, ...]``), one packed row with documents."""
+    B, t = q.shape[:2]
+    if t != cp.local_len:
+        raise ValueError(
+            f"context-parallel {what} got a shard of {t} tokens, expected seq_len/cp = {cp.seq_len}/{cp.size} = "
+            f"{cp.local_len}; pass this rank's shard (cp.shard(x)), not the full sequence"
+        )
+    if cp.docs is not None and B != 1:
+        raise ValueError(f"context-parallel {what} with documents (cu_seqlens) needs one packed row, got B={B}")
+
+
 def _last_segment_start(cp) -> int:
     """Local start of the shard's last document segment (0 without documents)."""
     return 0 if cp.docs is None else int(cp.docs.cu_seqlens[-2])
@@ -168,14 +180,7 @@ def gla_context_parallel(q, k, v, g, cp) -> torch.Tensor:
     q ``[B,t,Hq,Dk]``, k/g ``[B,t,Hkv,Dk]`` (g may be ``[B,t,Hkv]``), v ``[B,t,Hkv,Dv]``: this rank's
     contiguous shard of ``cp.seq_len`` tokens per row. With documents (``cp.cu_seqlens``) B is 1.
     """
-    B, t = q.shape[:2]
-    if t != cp.local_len:
-        raise ValueError(
-            f"context-parallel gla got a shard of {t} tokens, expected seq_len/cp = {cp.seq_len}/{cp.size} = "
-            f"{cp.local_len}; pass this rank's shard (cp.shard(x)), not the full sequence"
-        )
-    if cp.docs is not None and B != 1:
-        raise ValueError(f"context-parallel gla with documents (cu_seqlens) needs one packed row, got B={B}")
+    check_shard(q, cp, "gla")
     state, decay = local_state_and_decay(k, v, g, cp)
     if cp.size == 1:
         s_in = torch.zeros_like(state)

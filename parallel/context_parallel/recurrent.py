@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.context_parallel.linear import _AllGather, _state_dtype
+from parallel.context_parallel.linear import _AllGather, _state_dtype, check_shard
 
 
 def _transition_and_local_state(op, q, k, v, gates, cp, op_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +58,7 @@ def recurrent_context_parallel(op, q, k, v, *gates, cp, **op_kwargs) -> torch.Te
 
     q ``[B,t,Hq,Dk]``, k ``[B,t,Hkv,Dk]``, v ``[B,t,Hkv,Dv]``, gates ``[B,t,Hkv,...]``: this rank's
     contiguous shard of ``cp.seq_len`` tokens per row. With documents (``cp.cu_seqlens``) B is 1."""
-    B, t = q.shape[:2]
-    if t != cp.local_len:
-        raise ValueError(
-            f"context-parallel recurrence got a shard of {t} tokens, expected seq_len/cp = {cp.seq_len}/{cp.size} "
-            f"= {cp.local_len}; pass this rank's shard (cp.shard(x)), not the full sequence"
-        )
-    if cp.docs is not None and B != 1:
-        raise ValueError(f"context-parallel recurrence with documents (cu_seqlens) needs one packed row, got B={B}")
+    check_shard(q, cp, "recurrence")
     if cp.size == 1:
         s_in = None
     else:

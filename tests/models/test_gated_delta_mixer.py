@@ -93,7 +93,13 @@ def test_packed_documents_restart_the_state():
 
 # -- parallelism on gloo ------------------------------------------------------------------------
 def test_tensor_parallel_matches_single_process():
-    from tests.distributed.test_tensor_parallel import _tp_worker, check_close, init_state, train
+    from tests.distributed.test_tensor_parallel import _tp_worker, init_state, train
+
+    def check_close(got, want, what, tol=1e-5):
+        # fp32 chunks inside the float64 model (the chunked delta rule, RMSNorm, the loss), three SGD
+        # steps at lr 1: measured up to 3e-6 relative (GLA's bound in test_tensor_parallel is 2e-6).
+        err = (got - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), f"{what}: max|diff| {err:.3g}"
 
     cfg = recipe("gdn_tiny", TINY)
     state = init_state(cfg)

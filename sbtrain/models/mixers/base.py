@@ -12,6 +12,7 @@ from parallel.context_parallel import ContextParallel
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.cache import LayerCache
 from sbtrain.models.layers import Rotary
+from sbtrain.models.mixers.hf.common import project_qkv  # one copy: the exported code uses it too
 
 
 @dataclass
@@ -37,10 +38,4 @@ def make_qkvo(module: nn.Module, cfg: ModelConfig, prefix: str = "", device=None
     setattr(module, f"{prefix}o_proj", nn.Linear(hq * hd, d, bias=False, **kw))
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, head_dim: int, prefix: str = ""):
-    """q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]`` before any feature map or RoPE."""
-    B, T, _ = x.shape
-    q = getattr(module, f"{prefix}q_proj")(x).view(B, T, -1, head_dim)
-    k = getattr(module, f"{prefix}k_proj")(x).view(B, T, -1, head_dim)
-    v = getattr(module, f"{prefix}v_proj")(x).view(B, T, -1, head_dim)
-    return q, k, v
+__all__ = ["MixerInputs", "make_qkvo", "project_qkv"]
