@@ -102,8 +102,8 @@ def _tp_worker(cases):
     return results
 
 
-def check_close(got, want, what):
-    tol = TOL * max(1.0, want.abs().max().item())
+def check_close(got, want, what, tol=TOL):
+    tol = tol * max(1.0, want.abs().max().item())
     err = (got - want).abs().max().item()
     assert err <= tol, f"{what}: max|diff| {err:.3g} > {tol:.3g}"
 

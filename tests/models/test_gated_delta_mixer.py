@@ -61,7 +61,7 @@ def test_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
-    assert all(p.grad is not None for n, p in model.named_parameters() if "gated" not in n)
+    assert all(p.grad is not None for p in model.parameters())  # the gates' parameters learn too
 
 
 def test_decode_matches_forward_with_a_constant_state():
@@ -93,13 +93,11 @@ def test_packed_documents_restart_the_state():
 
 # -- parallelism on gloo ------------------------------------------------------------------------
 def test_tensor_parallel_matches_single_process():
-    from tests.distributed.test_tensor_parallel import _tp_worker, init_state, train
+    from tests.distributed.test_tensor_parallel import _tp_worker, check_close, init_state, train
 
-    def check_close(got, want, what, tol=1e-5):
-        # fp32 chunks inside the float64 model (the chunked delta rule, RMSNorm, the loss), three SGD
-        # steps at lr 1: measured up to 3e-6 relative (GLA's bound in test_tensor_parallel is 2e-6).
-        err = (got - want).abs().max().item()
-        assert err <= tol * max(1.0, want.abs().max().item()), f"{what}: max|diff| {err:.3g}"
+    # fp32 chunks inside the float64 model (the chunked delta rule, RMSNorm, the loss), three SGD
+    # steps at lr 1: measured up to 3e-6 relative (GLA's bound in test_tensor_parallel is 2e-6).
+    tol = 1e-5
 
     cfg = recipe("gdn_tiny", TINY)
     state = init_state(cfg)
@@ -108,10 +106,10 @@ def test_tensor_parallel_matches_single_process():
     model.load_state_dict(state)
     want = train(model, cfg)
     for step, (g, w) in enumerate(zip(results[0]["gdn"], want)):
-        check_close(g["loss"], w["loss"], f"step {step} loss")
+        check_close(g["loss"], w["loss"], f"step {step} loss", tol)
         for n in w["grads"]:
-            check_close(g["grads"][n], w["grads"][n], f"step {step} grad {n}")
-            check_close(g["params"][n], w["params"][n], f"step {step} param {n}")
+            check_close(g["grads"][n], w["grads"][n], f"step {step} grad {n}", tol)
+            check_close(g["params"][n], w["params"][n], f"step {step} param {n}", tol)
 
 
 CP_T = 32

@@ -352,6 +352,8 @@ def test_cpu_dispatch_picks_chunked():
 # --- fla through Triton's interpreter (a subprocess) ------------------------------------------
 
 MISSING = [name for name in ("triton", "fla") if importlib.util.find_spec(name) is None]
+from tests.operators.test_fla_interpreter import _interpreter_env
+
 # name: (op, case of CASES-like shape, needs grad); "gated_delta_step" uses the first token.
 FLA_CASES = {
     "gqa_dv32": ("gated_delta", (2, 50, 4, 2, 16, 32, True, None), True),
@@ -420,14 +422,6 @@ def worker() -> dict:
     out["small_dim_decline"] = ops.gated_delta.backends["fla"].accepts(*_args(Dk=8, Dv=8))
     out["cpu_pick"] = ops.gated_delta.select(*_args()).name
     return out
-
-
-def _interpreter_env() -> dict:
-    # No visible GPU: on a GPU CI box fla would otherwise pick its cuda path for the same calls.
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", SBTRAIN_PLATFORM="cpu")
-    env.pop("SBTRAIN_OPS", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture(scope="module")
