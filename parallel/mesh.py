@@ -25,14 +25,39 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 DIM_NAMES = ("dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
 
 
-@dataclass
-class ParallelMesh:
-    world: DeviceMesh
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees (``dp_shard`` filled in; ``sbtrain.config.parallel.resolve_dims`` validates a
+    recipe into one): the one place that knows how the degrees combine, and what builds the mesh."""
+
     dp_replicate: int
     dp_shard: int
     cp: int
     tp: int
     ep: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (each reads different samples)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def grad_reduce_size(self) -> int:
+        """Ranks whose gradients the data-parallel wrapper averages (dp x cp)."""
+        return self.dp * self.cp
+
+    def build_mesh(self, device_type: str = "cpu") -> ParallelMesh:
+        return build_mesh(self, device_type)
+
+
+@dataclass
+class ParallelMesh:
+    world: DeviceMesh
+    dims: ParallelDims
     dp_mesh: DeviceMesh  # ranks reading different samples
     loss_mesh: DeviceMesh  # ranks whose target tokens make up the global batch (dp x cp)
     fsdp_mesh: DeviceMesh | None  # dense parameters: shard (and replicate) dims; None if dp x cp == 1
@@ -41,14 +66,14 @@ class ParallelMesh:
     tp_mesh: DeviceMesh
     ep_mesh: DeviceMesh
 
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def grad_reduce_size(self) -> int:
-        """How many ranks' gradients the data-parallel wrapper averages (dp x cp)."""
-        return self.dp * self.cp
+    # The degrees are the dims' (one definition of dp and grad_reduce_size: ParallelDims).
+    dp_replicate = property(lambda self: self.dims.dp_replicate)
+    dp_shard = property(lambda self: self.dims.dp_shard)
+    cp = property(lambda self: self.dims.cp)
+    tp = property(lambda self: self.dims.tp)
+    ep = property(lambda self: self.dims.ep)
+    dp = property(lambda self: self.dims.dp)
+    grad_reduce_size = property(lambda self: self.dims.grad_reduce_size)
 
     @property
     def dp_rank(self) -> int:
@@ -73,26 +98,26 @@ def _data_parallel(world: DeviceMesh, replicate: int, shard_dims: tuple[str, ...
     return world["dp_replicate", name] if len(shard_dims) > 1 else world["dp_replicate", shard_dims[0]]
 
 
-def build_mesh(dp_replicate: int, dp_shard: int, cp: int, tp: int, ep: int, device_type: str = "cpu") -> ParallelMesh:
+def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> ParallelMesh:
     """The mesh of an already-initialised process group; the degrees must multiply to its size
     (validate them first: ``sbtrain.config.parallel.validate_parallel`` names the fix)."""
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs an initialised process group (torchrun, or the tests' gloo harness)")
     world_size = dist.get_world_size()
-    if dp_replicate * dp_shard * cp * tp != world_size or dp_shard % ep:
-        raise ValueError(f"degrees dp_replicate={dp_replicate} dp_shard={dp_shard} cp={cp} tp={tp} ep={ep} do not "
-                         f"fit world size {world_size} (product must equal it, ep must divide dp_shard)")
-    world = init_device_mesh(device_type, (dp_replicate, dp_shard // ep, ep, cp, tp), mesh_dim_names=DIM_NAMES)
+    if dims.world_size != world_size or dims.dp_shard % dims.ep:
+        raise ValueError(f"degrees {dims} do not fit world size {world_size} (product must equal it, ep must "
+                         "divide dp_shard)")
+    rep, shard, cp, tp, ep = dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.ep
+    world = init_device_mesh(device_type, (rep, shard // ep, ep, cp, tp), mesh_dim_names=DIM_NAMES)
     return ParallelMesh(
-        world, dp_replicate, dp_shard, cp, tp, ep,
+        world, dims,
         dp_mesh=_flat(world, ("dp_replicate", "dp_shard_mod_ep", "ep"), "dp"),
         loss_mesh=_flat(world, ("dp_replicate", "dp_shard_mod_ep", "ep", "cp"), "dp_cp"),
-        fsdp_mesh=_data_parallel(world, dp_replicate, ("dp_shard_mod_ep", "ep", "cp"), "dp_shard_cp",
-                                 dp_replicate * dp_shard * cp),
-        expert_fsdp_mesh=_data_parallel(world, dp_replicate, ("dp_shard_mod_ep", "cp"), "dp_shard_mod_ep_cp",
-                                        dp_replicate * (dp_shard // ep) * cp),
+        fsdp_mesh=_data_parallel(world, rep, ("dp_shard_mod_ep", "ep", "cp"), "dp_shard_cp", rep * shard * cp),
+        expert_fsdp_mesh=_data_parallel(world, rep, ("dp_shard_mod_ep", "cp"), "dp_shard_mod_ep_cp",
+                                        rep * (shard // ep) * cp),
         cp_mesh=world["cp"], tp_mesh=world["tp"], ep_mesh=world["ep"],
     )
 
 
-__all__ = ["DIM_NAMES", "ParallelMesh", "build_mesh"]
+__all__ = ["DIM_NAMES", "ParallelDims", "ParallelMesh", "build_mesh"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from parallel.mesh import ParallelDims
 from sbtrain.config.model import ConfigError, ModelConfig
 
 ENGINES = ("fsdp", "deepspeed")
@@ -51,31 +52,6 @@ class ParallelConfig:
     # A collective that waits longer than this (a rank hung or gone) fails with the rank and the op
     # named (sbtrain.trainer.distributed.CollectiveTimeoutError) instead of hanging the job.
     collective_timeout_s: float = 1800.0
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """Resolved degrees (``dp_shard`` filled in) for a given world size."""
-
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    ep: int
-
-    @property
-    def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel ranks (each reads different samples)."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def grad_reduce_size(self) -> int:
-        """Ranks whose gradients are averaged by the data-parallel wrapper (dp x cp)."""
-        return self.dp * self.cp
 
 
 def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:

@@ -27,7 +27,7 @@ from torch import nn
 from operators.platform import process_group_backend
 from parallel.activation_checkpoint import apply_activation_checkpointing, compile_blocks
 from parallel.fsdp import apply_fsdp
-from parallel.mesh import ParallelMesh, build_mesh
+from parallel.mesh import ParallelMesh
 from sbtrain.config.model import ConfigError
 
 log = logging.getLogger("sbtrain.train")
@@ -159,7 +159,7 @@ def make_mesh(dims, device: torch.device) -> ParallelMesh | None:
     with warnings.catch_warnings():
         # HSDP slices a flattened dim from the root mesh; torch warns about the API's future.
         warnings.filterwarnings("ignore", message="Slicing a flattened dim")
-        return build_mesh(dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.ep, device.type)
+        return dims.build_mesh(device.type)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh | None, pcfg, tcfg) -> dict:
