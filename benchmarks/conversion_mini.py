@@ -42,7 +42,8 @@ from hydra.core.global_hydra import GlobalHydra
 import sbtrain.config  # noqa: F401
 from sbtrain.cli.app import RECIPES_DIR
 from sbtrain.models.weights import save_weights
-from sbtrain.train import build_trainer, train
+from sbtrain.train import train
+from sbtrain.trainer.build import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

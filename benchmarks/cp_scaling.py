@@ -47,6 +47,7 @@ from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.models import build_model
 from sbtrain.trainer.distributed import make_mesh, parallelize
 from sbtrain.trainer.optim import build_optimizer
+from sbtrain.trainer.train_module import TrainModule
 from sbtrain.trainer.trainer import Trainer
 from tests.distributed.harness import run_distributed
 
@@ -83,9 +84,9 @@ def measure_case(spec: dict) -> dict:
     model = build_model(mcfg)
     layout = parallelize(model, mesh, pcfg, tcfg)
     ocfg = OptimConfig(schedule="constant", warmup_steps=0)
-    trainer = Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg, optim_cfg=ocfg,
-                      train_data=None, mesh=mesh, cp_linear=pcfg.cp_linear,
-                      expert_grad_divisor=layout["expert_grad_divisor"])
+    module = TrainModule.build(model, build_optimizer(model, ocfg), tcfg, ocfg, mesh=mesh, pcfg=pcfg,
+                               expert_grad_divisor=layout["expert_grad_divisor"])
+    trainer = Trainer(module=module, cfg=tcfg, optim_cfg=ocfg, train_data=None)
     # Every rank draws the same full sequences; the trainer keeps this rank's CP shard.
     batches = []
     for step in range(n_steps):

@@ -30,6 +30,7 @@ from sbtrain.trainer.observability import (
     build_observability,
 )
 from sbtrain.trainer.optim import build_optimizer
+from sbtrain.trainer.train_module import TrainModule
 from sbtrain.trainer.trainer import Trainer
 from tests.models.helpers import recipe
 
@@ -49,8 +50,8 @@ def trainer(callbacks):
     model = build_model(recipe("sb7b_tiny"))
     tcfg = TrainerConfig(global_batch_size=B, micro_batch_size=B, seq_len=T, max_steps=10**6)
     ocfg = OptimConfig(lr=1e-4, warmup_steps=0)
-    tr = Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg, optim_cfg=ocfg, train_data=Data(),
-                 callbacks=callbacks)
+    tr = Trainer(module=TrainModule.build(model, build_optimizer(model, ocfg), tcfg, ocfg), cfg=tcfg, optim_cfg=ocfg,
+                 train_data=Data(), callbacks=callbacks)
     for cb in tr.callbacks: cb.on_fit_start(tr)
     return tr
 

@@ -124,6 +124,7 @@ def _trainer(mcfg, pcfg, tcfg, mesh):
     from sbtrain.models import build_model
     from sbtrain.trainer.distributed import parallelize
     from sbtrain.trainer.optim import build_optimizer
+    from sbtrain.trainer.train_module import TrainModule
     from sbtrain.trainer.trainer import Trainer
 
     torch.manual_seed(0)
@@ -131,16 +132,15 @@ def _trainer(mcfg, pcfg, tcfg, mesh):
     layout = parallelize(model, mesh, pcfg, tcfg)
     ocfg = OptimConfig(lr=1e-4, schedule="constant", warmup_steps=0)
     optimizer = build_optimizer(model, ocfg)
-    engine = None
+    deepspeed = None
     if pcfg.engine == "deepspeed":
         from parallel.deepspeed_engine import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, optimizer, zero_stage=pcfg.deepspeed.zero_stage, precision=tcfg.precision,
-                                 clip_grad=ocfg.clip_grad, platform="cpu", reduce_dtype=pcfg.reduce_dtype)
-        model, optimizer = engine.module, engine.optimizer
-    return Trainer(model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, engine=engine,
-                   train_data=Batches(mcfg.vocab_size, tcfg.seq_len), mesh=mesh, cp_linear=pcfg.cp_linear,
-                   expert_grad_divisor=layout["expert_grad_divisor"])
+        deepspeed = DeepSpeedEngine(model, optimizer, zero_stage=pcfg.deepspeed.zero_stage, precision=tcfg.precision,
+                                    clip_grad=ocfg.clip_grad, platform="cpu", reduce_dtype=pcfg.reduce_dtype)
+    module = TrainModule.build(model, optimizer, tcfg, ocfg, mesh=mesh, pcfg=pcfg, deepspeed=deepspeed,
+                               expert_grad_divisor=layout["expert_grad_divisor"])
+    return Trainer(module=module, cfg=tcfg, optim_cfg=ocfg, train_data=Batches(mcfg.vocab_size, tcfg.seq_len))
 
 
 def measure(kind: str, world: int, par: dict, tr: dict) -> dict:
@@ -166,17 +166,18 @@ def measure(kind: str, world: int, par: dict, tr: dict) -> dict:
     step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):  # gradients are complete here, AdamW's state from step 1 exists
-        held["grads"] = _unique_bytes(p.grad for p in trainer.params if p.grad is not None)
+        held["grads"] = _unique_bytes(p.grad for p in params if p.grad is not None)
         held["optimizer"] = _unique_bytes(t for s in trainer.optimizer.state.values() for t in s.values()
                                           if torch.is_tensor(t))
         return step(*args, **kwargs)
 
-    if trainer.engine is None:  # DeepSpeed steps its own flat partitions: no per-parameter state to read
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    if not hasattr(trainer.engine, "deepspeed"):  # DeepSpeed steps its own flat partitions: no per-parameter state to read
         trainer.optimizer.step = recording_step
     start = time.perf_counter()
     losses = [trainer.train_step(trainer.train_data.next_global_batch()).loss for _ in range(2)]
     return {"rank": dist.get_rank() if dist.is_initialized() else 0, "measured_mb": (peak_rss_kb(method) - baseline) / 1024,
-            "baseline_mb": baseline / 1024, "params": _unique_bytes(trainer.params), "grads": None,
+            "baseline_mb": baseline / 1024, "params": _unique_bytes(params), "grads": None,
             "optimizer": None, **held,
             "seconds": time.perf_counter() - start, "losses": losses, "memory_method": method}
 

@@ -225,6 +225,7 @@ def finetune(model, task: PasskeyTask, cfg: FinetuneConfig, digits: int, seed: i
     from sbtrain.bench.config import parse_length
     from sbtrain.config.train import OptimConfig, TrainerConfig
     from sbtrain.trainer.optim import build_optimizer
+    from sbtrain.trainer.train_module import TrainModule
     from sbtrain.trainer.trainer import Trainer
 
     longest = parse_length(cfg.seq_len)
@@ -246,8 +247,9 @@ def finetune(model, task: PasskeyTask, cfg: FinetuneConfig, digits: int, seed: i
                          max_steps=cfg.steps, eval_every=cfg.steps, eval_batches=0, device=model_device(model).type)
     ocfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay)
     losses = LossLog(cfg.log_every, cfg.loss)
-    trainer = Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg.validate(), optim_cfg=ocfg,
-                      train_data=data, valid_data=data, callbacks=[losses])
+    tcfg.validate()
+    module = TrainModule.build(model, build_optimizer(model, ocfg), tcfg, ocfg)
+    trainer = Trainer(module=module, cfg=tcfg, optim_cfg=ocfg, train_data=data, valid_data=data, callbacks=[losses])
     start = time.perf_counter()
     summary = trainer.fit()
     model.eval()

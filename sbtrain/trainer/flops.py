@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -104,3 +105,16 @@ def throughput_metrics(flops_per_token: float, tokens_per_s: float, world: int, 
     elif kind == PEAK_MEASURED and peak > 0:
         out["pct_of_measured_matmul"] = 100.0 * per_device / peak
     return out
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the trainer needs to turn tokens/s into MFU: the model's FLOPs per token and the peak of
+    ONE device with where that figure came from (``PEAK_*``)."""
+
+    flops_per_token: float = 0.0
+    peak_flops: float = float("nan")
+    peak_kind: str = PEAK_UNKNOWN
+
+    def metrics(self, tokens_per_s: float, world: int) -> dict:
+        return throughput_metrics(self.flops_per_token, tokens_per_s, world, self.peak_flops, self.peak_kind)

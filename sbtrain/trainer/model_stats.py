@@ -214,7 +214,7 @@ class ModelStatsCallback(Callback):
             parts.append(torch.tensor([float(nonzero), float(total)], dtype=torch.float64))
             layout.append(("spike", layer, 0))
         # Reduced on the model's device (an NCCL group takes no CPU tensors), read back on the host.
-        flat = trainer._all_reduce(torch.cat(parts).to(trainer.device)).cpu() if parts else \
+        flat = trainer.all_reduce(torch.cat(parts).to(trainer.device)).cpu() if parts else \
             torch.zeros(0, dtype=torch.float64)
         record = {"step": trainer.step, "grad_norm": self.grad_norms, "gla_decay": {}, "moe": {}, "spike_rate": {}}
         at = 0

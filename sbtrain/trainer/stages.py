@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from sbtrain.config.model import ConfigError, YarnConfig
 from sbtrain.config.stages import StageConfig, stage_batch, validate_plan
@@ -120,25 +119,15 @@ def _core_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def start_from_checkpoint(trainer: Trainer, path: Path, carry_optimizer: bool) -> None:
     """Load the previous stage's final checkpoint into a freshly built trainer of the next stage."""
-    if trainer.engine is not None and not carry_optimizer:
-        raise ConfigError("optimizer=reset is not supported with parallel.engine=deepspeed yet; use optimizer=carry")
     state = trainer.state_dict()  # the load template (it materialises the optimizer state)
     if not carry_optimizer:
         del state["optim"]
     Checkpointer(path.parent).load(state, path)
-    if trainer.engine is not None:
-        trainer.engine.load_state_dict({"model": state["model"], "optim": state["optim"]})
-    elif carry_optimizer:
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-    else:
-        set_model_state_dict(trainer.model, state["model"])
-        trainer.optimizer.state.clear()  # fresh moments: AdamW's bias correction restarts at step 1
-    data = trainer.train_data
-    if hasattr(data, "loader"):  # PackedBatches: a new stage packs on from the document cursor
-        data.loader.load_state_dict(state["data"], new_stage=True)
-    else:
-        data.load_state_dict(state["data"])
+    # optim None: fresh moments (AdamW's bias correction restarts at step 1); an engine that cannot
+    # start one over loaded weights says so.
+    trainer.engine.load_state_dict(state["model"], state["optim"] if carry_optimizer else None)
+    # The loader packs on from the document cursor (a stage may change the sequence length).
+    trainer.train_data.load_state_dict(state["data"], new_stage=True)
     t = state["trainer"]
     trainer.step, trainer.tokens, trainer.skipped_steps = int(t["step"]), int(t["tokens"]), int(t["skipped_steps"])
     trainer.consecutive_nonfinite = 0

@@ -18,7 +18,9 @@ from sbtrain.config.parallel import ParallelConfig, validate_parallel
 from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.trainer.checkpoint import Checkpointer
 from sbtrain.trainer.distributed import build_parallel_model, make_mesh
+from sbtrain.trainer.engine import DeepSpeedStep
 from sbtrain.trainer.optim import build_optimizer
+from sbtrain.trainer.train_module import TrainModule
 from sbtrain.trainer.trainer import Trainer
 
 VOCAB = 96
@@ -119,17 +121,18 @@ def build_case(spec: dict, seed: int = 0, checkpoint_dir: str | None = None) -> 
         optimizer = RecordingSGD(model.named_parameters(), lr=ocfg.lr)
     else:
         optimizer = build_optimizer(model, ocfg)
-    engine = None
+    deepspeed = None
     if pcfg.engine == "deepspeed" and mesh is not None:
         from parallel.deepspeed_engine import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, optimizer, zero_stage=pcfg.deepspeed.zero_stage, clip_grad=ocfg.clip_grad or None)
-        model, optimizer = engine.module, engine.optimizer
+        deepspeed = DeepSpeedEngine(model, optimizer, zero_stage=pcfg.deepspeed.zero_stage,
+                                    clip_grad=ocfg.clip_grad or None)
+    pcfg.grad_sync = spec.get("grad_sync", "per_step")
+    module = TrainModule.build(model, optimizer, tcfg, ocfg, mesh=mesh, pcfg=pcfg, deepspeed=deepspeed,
+                               expert_grad_divisor=layout["expert_grad_divisor"])
     data = SyntheticData(spec, mesh.dp_rank if mesh else 0, dims.dp)
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir else None
-    trainer = Trainer(model=model, optimizer=optimizer, cfg=tcfg, optim_cfg=ocfg, train_data=data, mesh=mesh,
-                      cp_linear=pcfg.cp_linear, checkpointer=checkpointer, engine=engine,
-                      expert_grad_divisor=layout["expert_grad_divisor"], grad_sync=spec.get("grad_sync", "per_step"))
+    trainer = Trainer(module=module, cfg=tcfg, optim_cfg=ocfg, train_data=data, checkpointer=checkpointer)
     return trainer, data
 
 
@@ -147,8 +150,8 @@ def train_case(spec: dict) -> dict:
 
 def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every parameter and optimizer-state tensor as a full tensor, keyed by parameter name."""
-    if trainer.engine is not None:
-        return {f"param/{k}": v.detach().clone() for k, v in trainer.engine.state_dict()["model"].items()}
+    if isinstance(trainer.engine, DeepSpeedStep):
+        return {f"param/{k}": v.detach().clone() for k, v in trainer.engine.deepspeed.state_dict()["model"].items()}
     out = {}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     for n, p in trainer.model.named_parameters():

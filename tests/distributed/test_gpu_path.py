@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sbtrain.trainer.callbacks import Callback
-from sbtrain.trainer.flops import PEAK_MEASURED, PEAK_OVERRIDE
+from sbtrain.trainer.flops import PEAK_MEASURED, PEAK_OVERRIDE, Throughput
 from sbtrain.trainer.model_stats import ModelStatsCallback
 from tests.distributed.device_check import collectives_on_device
 from tests.distributed.harness import run_distributed
@@ -81,7 +81,7 @@ def test_every_collective_takes_device_tensors():
 
 def _mfu_metrics(peak: float, kind: str) -> list[dict]:
     trainer, _ = build_case({**BASE, "model": "sb7b", "steps": 2})
-    trainer.flops_per_token, trainer.peak_flops, trainer.peak_kind = 1.5e6, peak, kind
+    trainer.throughput = Throughput(1.5e6, peak, kind)
     record = _Record()
     trainer.callbacks = [record]
     trainer.fit()

@@ -15,7 +15,7 @@ from sbtrain.config.model import ConfigError
 from sbtrain.config.train import DistillConfig, NewParamsConfig
 from sbtrain.models.build import build_model, to_model_config
 from sbtrain.models.weights import save_weights
-from sbtrain.train import build_trainer
+from sbtrain.trainer.build import build_trainer
 from tests.trainer.e2e import SMALL, run
 
 

@@ -9,7 +9,7 @@ import torch
 
 from sbtrain.config.model import ConfigError
 from sbtrain.config.train import TrainerConfig
-from sbtrain.train import configure_matmul_precision
+from sbtrain.trainer.build import configure_matmul_precision
 from sbtrain.trainer.flops import (
     PEAK_DATASHEET,
     PEAK_MEASURED,

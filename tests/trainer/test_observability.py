@@ -33,6 +33,7 @@ from sbtrain.trainer.observability import (
     build_observability,
 )
 from sbtrain.trainer.optim import build_optimizer
+from sbtrain.trainer.train_module import TrainModule
 from sbtrain.trainer.trainer import Trainer
 from tests.models.helpers import recipe
 
@@ -74,8 +75,9 @@ class RandomData:
 def make_trainer(model, callbacks, steps: int, data=None, valid=None) -> Trainer:
     tcfg = TrainerConfig(global_batch_size=2, micro_batch_size=1, seq_len=T, max_steps=steps)
     ocfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", clip_grad=1e-3)
-    return Trainer(model=model, optimizer=build_optimizer(model, ocfg), cfg=tcfg, optim_cfg=ocfg,
-                   train_data=data or RandomData(), valid_data=valid, callbacks=callbacks)
+    module = TrainModule.build(model, build_optimizer(model, ocfg), tcfg, ocfg)
+    return Trainer(module=module, cfg=tcfg, optim_cfg=ocfg, train_data=data or RandomData(), valid_data=valid,
+                   callbacks=callbacks)
 
 
 def tiny(name: str, extra: list[str] = ()):
