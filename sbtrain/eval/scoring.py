@@ -36,10 +36,8 @@ def is_sbtrain(model) -> bool:
 def final_hidden(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """``([B,T,d] hidden, lm_head)``; for an HF model without a reachable decoder, ``(logits, None)``."""
     if is_sbtrain(model):
-        from sbtrain.models.parallelize import gather_sequence
-
-        hidden, _ = model.hidden_states(input_ids)
-        return gather_sequence(hidden), model.lm_head
+        hidden, _ = model.hidden_states(input_ids)  # under TP the plan hands out the whole sequence
+        return hidden, model.lm_head
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Module):
         out = decoder(input_ids=input_ids)

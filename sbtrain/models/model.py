@@ -27,7 +27,6 @@ from sbtrain.models.layers import MLP, RMSNorm, Rotary, default_position_ids
 from sbtrain.models.mixers import mixer_kind
 from sbtrain.models.mixers.base import MixerInputs
 from sbtrain.models.moe import MoE
-from sbtrain.models.parallelize import gather_sequence, vocab_parallel_head
 
 
 @dataclass
@@ -72,13 +71,26 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device=device, dtype=dtype)
 
 
+class HeadLoss(nn.Module):
+    """Σ token cross-entropy of the LM head over flattened hidden states, never forming all logits
+    (``ops.linear_cross_entropy``). No parameters: a parallel plan replaces it with its own form
+    (tensor parallelism: the vocabulary-parallel loss, ``sbtrain.models.parallelize``)."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ops.linear_cross_entropy(hidden, weight, labels)
+
+
 class CausalLM(nn.Module):
+    """Knows no parallelism: context parallelism reaches the mixers through ``MixerInputs``, tensor
+    parallelism is applied by its plan (hooks and DTensor layouts, ``HeadLoss`` swapped)."""
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.model = Decoder(cfg, device=device, dtype=dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        self.head_loss = HeadLoss()
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -147,20 +159,13 @@ class CausalLM(nn.Module):
         context_parallel: ContextParallel | None = None,
     ) -> CausalLMOutput:
         hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens, context_parallel=context_parallel)
-        hidden = gather_sequence(hidden)  # tensor parallel: sequence-sharded DTensor -> full local tensor
         loss_sum = num_tokens = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             flat_labels = labels.reshape(-1)
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-            shard = vocab_parallel_head(self.lm_head.weight)
-            if shard is None:
-                loss_sum = ops.linear_cross_entropy(flat_hidden, self.lm_head.weight, flat_labels)
-            else:  # vocabulary-sharded head: the returned hidden grad is already all-reduced
-                loss_sum = ops.linear_cross_entropy(
-                    flat_hidden, shard.weight, flat_labels, group=shard.group, vocab_start=shard.vocab_start
-                )
+            loss_sum = self.head_loss(flat_hidden, self.lm_head.weight, flat_labels)
             num_tokens = (flat_labels != -100).sum()
         logits = _at_least_fp32(self.lm_head(hidden)) if return_logits else None
         return CausalLMOutput(loss_sum, num_tokens, aux, logits)

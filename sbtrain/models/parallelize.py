@@ -17,10 +17,11 @@ Layout over the ``tp`` mesh (size P), with ``sequence_parallel=True``:
 - MoE FFN: run *replicated* on the gathered tokens (router, experts and shared expert as
   ``Replicate`` DTensors, every rank doing the whole layer). Correct but redundant P-fold: expert
   parallelism (the ``ep`` mesh dimension) is the efficient path for MoE layers;
-- final norm ``SequenceParallel``; lm_head ``ColwiseParallel`` (vocabulary rows sharded).
-  ``CausalLM.forward`` gathers the final hidden states (:func:`gather_sequence`) and computes the
-  loss with the vocabulary-parallel chunked cross-entropy on this rank's head rows
-  (:func:`vocab_parallel_head`); full logits are never formed unless ``return_logits``.
+- final norm ``SequenceParallel``, its output gathered to the full local sequence by a hook
+  (:func:`gather_sequence`); lm_head ``ColwiseParallel`` (vocabulary rows sharded), and the model's
+  ``head_loss`` replaced by :class:`VocabParallelHeadLoss`: the chunked cross-entropy on this rank's
+  head rows (:func:`vocab_parallel_head`); full logits are never formed unless ``return_logits``.
+  ``CausalLM`` itself calls nothing of this.
 
 Without sequence parallelism the residual stream is replicated and the norms compute replicated.
 
@@ -49,6 +50,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from operators import ops
 from parallel import comm_stats
 from sbtrain.config.parallel import validate_tensor_parallel
 from sbtrain.models.mixers import kind_of
@@ -92,6 +94,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(block, tp_mesh, plan)
     if cfg.tie_embeddings:  # both styles shard the vocabulary rows: one DTensor serves both
         model.lm_head.weight = model.model.embed_tokens.weight
+    # The head sees the whole sequence (plain local tensors) and computes its loss on local vocab rows.
+    model.model.norm.register_forward_hook(lambda module, args, output: gather_sequence(output))
+    model.head_loss = VocabParallelHeadLoss()
     for name, param in model.named_parameters():
         if not isinstance(param, DTensor):
             raise TypeError(f"parameter {name} was left out of the tensor-parallel plan; add it in {__name__}")
@@ -138,6 +143,18 @@ class VocabShard:
     vocab_start: int  # global index of the first row
 
 
+class VocabParallelHeadLoss(nn.Module):
+    """``CausalLM.head_loss`` under tensor parallelism: the chunked cross-entropy over this rank's
+    vocabulary rows of a ``Shard(0)`` head; the hidden-state gradient it returns is already
+    all-reduced over the TP group. An unsharded head (a plain tensor) takes the plain loss."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shard = vocab_parallel_head(weight)
+        if shard is None:
+            return ops.linear_cross_entropy(hidden, weight, labels)
+        return ops.linear_cross_entropy(hidden, shard.weight, labels, group=shard.group, vocab_start=shard.vocab_start)
+
+
 def vocab_parallel_head(weight: torch.Tensor) -> VocabShard | None:
     """This rank's vocabulary rows of a ``Shard(0)`` lm_head weight, or None if it is not sharded."""
     if not isinstance(weight, DTensor):
@@ -151,6 +168,6 @@ def vocab_parallel_head(weight: torch.Tensor) -> VocabShard | None:
 
 
 __all__ = [
-    "ReplicatedCompute", "ShardParameters", "VocabShard", "apply_tensor_parallel", "gather_sequence",
-    "validate_tensor_parallel", "vocab_parallel_head",
+    "ReplicatedCompute", "ShardParameters", "VocabParallelHeadLoss", "VocabShard", "apply_tensor_parallel",
+    "gather_sequence", "validate_tensor_parallel", "vocab_parallel_head",
 ]
