@@ -14,12 +14,10 @@ from sbtrain.config.data import DataConfig, TokenizerConfig  # also registers th
 
 
 def _as(node, cls):
+    """The typed config of a node (DictConfig or plain dict; nested sections such as ``data.chat`` too)."""
     if isinstance(node, cls):
         return node
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    known = {k: v for k, v in dict(node).items()}
-    return cls(**known)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))
 
 
 def build_dataset(cfg) -> dict:
@@ -39,6 +37,8 @@ def task(cfg: DictConfig) -> None:
         summary["bad_records"] = manifest["bad_records"]
     if manifest["invalid_utf8"]["replaced_bytes"]:
         summary["invalid_utf8"] = {k: manifest["invalid_utf8"][k] for k in ("replaced_lines", "replaced_bytes")}
+    if "loss_mask" in manifest:  # chat: how many tokens carry loss, and the records skipped
+        summary["loss_mask"] = {k: manifest["loss_mask"][k] for k in ("loss_on", "template", "trained_tokens")}
     summary["output"] = OmegaConf.select(cfg, "data.output")
     summary["tokenizer"] = manifest["tokenizer"]["path"]
     print(json.dumps(summary), flush=True)

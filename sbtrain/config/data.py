@@ -22,6 +22,8 @@ INVALID_UTF8_POLICIES = ("replace", "error")
 TEXT_UNITS = ("file", "paragraph")
 BAD_RECORD_POLICIES = ("error", "skip")
 TOKENIZER_KINDS = ("pretrained", "train_bpe")
+RECORD_TYPES = ("text", "chat")
+CHAT_LOSS_ON = ("assistant", "all")
 
 
 @dataclass
@@ -51,11 +53,37 @@ class TokenizerConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Conversation records (``data.records=chat``; sbtrain/data/chat.py)."""
+
+    field: str = "messages"  # the record field holding [{role, content}, ...]
+    # The chat template: null = the tokenizer's own (tokenizer_config.json chat_template; chatml when
+    # tokenizer=train_bpe), chatml = built in, or a path to a Jinja file.
+    template: str | None = None
+    loss_on: str = "assistant"  # assistant: the assistant turns only | all: every token
+    # A conversation longer than this many tokens (EOD included) is a bad record (error, or a counted skip
+    # with data.on_bad_record=skip); null: any length (training splits long ones across samples).
+    max_tokens: int | None = None
+
+    def validate(self) -> ChatConfig:
+        if self.loss_on not in CHAT_LOSS_ON:
+            raise ConfigError(f"data.chat.loss_on={self.loss_on!r} is not one of {CHAT_LOSS_ON}")
+        if not self.field:
+            raise ConfigError("data.chat.field is empty: name the field holding the messages, e.g. messages")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ConfigError(f"data.chat.max_tokens={self.max_tokens} must be >= 2 (or null: any length)")
+        return self
+
+
+@dataclass
 class DataConfig:
     # ---- build: raw corpus -> indexed dataset ----
     paths: list[str] = field(default_factory=list)  # local files / globs, or one hub dataset name
     format: str | None = None  # json | parquet | text | arrow; None: from each file's extension
     text_field: str = "text"
+    # text: a document per record / file | chat: a conversation per record, with a loss mask (data.chat)
+    records: str = "text"
+    chat: ChatConfig = field(default_factory=ChatConfig)
     streaming: bool = False  # iterate the files instead of materialising them (corpora larger than memory)
     invalid_utf8: str = "replace"  # replace (count the lines) | error (names file and line)
     # Plain text (.txt/.text), the rule every command shares (sbtrain.data.sources.text_documents):
@@ -90,6 +118,12 @@ class DataConfig:
     prefetch: int = 2
 
     def validate(self) -> DataConfig:
+        if self.records not in RECORD_TYPES:
+            raise ConfigError(f"data.records={self.records!r} is not one of {RECORD_TYPES}")
+        self.chat.validate()
+        if self.records == "chat" and self.format == "text":
+            raise ConfigError("data.records=chat reads JSON / Parquet / Arrow records with a messages field, not "
+                              "plain text: set data.format to json (or null) or data.records=text")
         if self.format is not None and self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r} is not one of {FORMATS} (or null to infer)")
         if self.invalid_utf8 not in INVALID_UTF8_POLICIES:

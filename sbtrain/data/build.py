@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,11 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from sbtrain.config.data import DataConfig, TokenizerConfig
+from sbtrain.data.chat import resolve_template
+from sbtrain.data.chat_records import bad_record_error, bpe_texts, encode_source
 from sbtrain.data.prepare import check_empty, prepare_source
 from sbtrain.data.sources import DataError, Source, fingerprint_file, load_source, reader_error, resolve_sources
 from sbtrain.data.tokenizer import encode_texts, load_tokenizer, split_long, tokenizer_hash, train_bpe, vocab_info
 
 PREFIX = "data"  # <dir>/data.bin, <dir>/data.idx
+MASK_PREFIX = "mask"  # chat datasets: <dir>/mask.bin|.idx, uint8 per token (1 = trained on), same lengths
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 BATCH = 1000
@@ -235,20 +239,32 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
         raise DataError(f"every file of data.paths={list(data.paths)} is empty or bad (see the warnings above): "
                         "point data.paths at files with text")
     cache = os.path.join(scratch, "hf_cache")
-    loaded = [load_source(s, data.text_field, data.streaming, cache, data.hub_split) for s in kept]
+    chat = data.records == "chat"  # conversations: read and encoded by sbtrain.data.chat_records
+    loaded = [] if chat else [load_source(s, data.text_field, data.streaming, cache, data.hub_split) for s in kept]
     if tok_cfg.kind == "train_bpe":
         tok_path = os.path.abspath(tok_cfg.path) if tok_cfg.path else os.path.join(tmp, "tokenizer")
-        train_bpe(_texts_for_bpe(kept, loaded, tok_cfg.train_max_documents), tok_path, tok_cfg.vocab_size,
-                  tok_cfg.eod_token, tok_cfg.min_frequency)
+        if chat:  # a new tokenizer has no template: chatml unless named; its turn markers become tokens
+            template = resolve_template(data.chat.template or "chatml")
+            texts = itertools.islice((t for src in kept for t in bpe_texts(src, data.chat.field, data.streaming, cache,
+                                                                            data.hub_split)), tok_cfg.train_max_documents)
+            train_bpe(texts, tok_path, tok_cfg.vocab_size, tok_cfg.eod_token, tok_cfg.min_frequency,
+                      special_tokens=template.special_tokens, chat_template=template.text)
+        else:
+            train_bpe(_texts_for_bpe(kept, loaded, tok_cfg.train_max_documents), tok_path, tok_cfg.vocab_size,
+                      tok_cfg.eod_token, tok_cfg.min_frequency)
     else:
         tok_path = os.path.abspath(tok_cfg.path)
     tok, eod_id = load_tokenizer(tok_path, tok_cfg.eod_token)
+    template = resolve_template(data.chat.template, tok) if chat else None  # a missing template fails here
     n_vocab, dtype_name = vocab_info(tok)
     dtype = np.dtype(dtype_name).type
 
     prefix = dataset_prefix(tmp)
     builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype)
+    mask_builder = IndexedDatasetBuilder(get_bin_path(os.path.join(tmp, MASK_PREFIX)), dtype=np.uint8) if chat else None
     skipped: Counter = Counter()
+    skipped_examples: list[str] = []  # chat: the first bad records, "file line N: why"
+    trained_tokens = 0
     per_source = []
     n_docs = n_tokens = 0
     max_id = -1
@@ -256,13 +272,26 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
     for src in sources:
         docs = toks = records = 0
         if not src.empty:
-            ds, field_name = loaded_of[id(src)]
-            rows = _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token)
+            if chat:
+                rows = ((item.ids, item) for item in encode_source(src, data.chat, tok, eod_id, template, data.streaming,
+                                                                  cache, data.hub_split))
+            else:
+                ds, field_name = loaded_of[id(src)]
+                rows = _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token)
             for ids, reason in _reading(src, rows):
                 records += 1
+                if chat:
+                    item, reason = reason, reason.reason
+                    if reason and data.on_bad_record == "error":
+                        raise bad_record_error(src, item)
+                    if reason and len(skipped_examples) < 10:
+                        skipped_examples.append(f"{src.path} {item.where}: {item.why}")
                 if reason:
                     skipped[reason] += 1
                     continue
+                if chat:
+                    mask_builder.add_document(item.mask, [item.mask.size])
+                    trained_tokens += int(item.mask.sum())
                 arr = np.asarray(ids, dtype=np.int64)
                 max_id = max(max_id, int(arr.max()))
                 builder.add_document(arr.astype(dtype), [arr.size])
@@ -279,6 +308,8 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
             entry.update(bad_records=src.bad_records, first_bad_records=src.first_bad_records, empty=src.empty)
         per_source.append(entry)
     builder.finalize(get_idx_path(prefix))
+    if mask_builder is not None:
+        mask_builder.finalize(get_idx_path(os.path.join(tmp, MASK_PREFIX)))
     if n_docs == 0:
         raise DataError(f"no document left in {data.paths} after skipping {dict(skipped)}: check data.text_field")
 
@@ -308,6 +339,10 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
         # Input skipped under data.on_bad_record=skip (with error, any of it stops the build).
         "bad_records": {"policy": data.on_bad_record, **bad},
         "sources": per_source,
+        "records": data.records,
+        **({"loss_mask": {"prefix": MASK_PREFIX, "loss_on": data.chat.loss_on, "template": template.name,
+                          "chat_template": template.text, "trained_tokens": trained_tokens,
+                          "first_skipped": skipped_examples}} if chat else {}),
     }
 
 

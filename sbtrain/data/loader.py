@@ -30,6 +30,7 @@ from sbtrain.data.samples import (
     blend_weights,
     initial_cursor,
     materialize,
+    materialize_mask,
     open_sets,
     plan_positions,
     resume_cursor,
@@ -63,6 +64,9 @@ class PackedLoader:
         w = blend_weights(weights, len(self.sets))
         self.packer = Packer(self.sets, w, self.seed, per_domain_packing)
         self.eod_id = self.sets[0].eod_id
+        # Any chat dataset: labels of tokens outside its loss mask become IGNORE_INDEX, so the loss (and its
+        # global token count) covers only the trained-on tokens, whatever the packing or the layout.
+        self.masked = any(s.masks is not None for s in self.sets)
         self.fingerprint = hashlib.sha256(json.dumps({
             "datasets": [s.manifest["fingerprint"] for s in self.sets], "weights": self.packer.weights,
             "per_domain": per_domain_packing, "valid_fraction": valid_fraction, "split_seed": split_seed,
@@ -109,6 +113,12 @@ class PackedLoader:
         T = self.seq_len
         tokens = torch.from_numpy(np.stack([materialize(self.sets, p) for p in plans]))
         batch = {"input_ids": tokens[:, :T].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        if self.masked:
+            # A copy: with one sample per micro batch both slices are views of the same storage, and the
+            # masking below must not reach the inputs.
+            batch["labels"] = batch["labels"].clone()  # the label at t is token t + 1: it is trained on where token t + 1 is
+            mask = torch.from_numpy(np.stack([materialize_mask(self.sets, p) for p in plans]))
+            batch["labels"][mask[:, 1:] == 0] = IGNORE_INDEX
         if self.document_boundaries:
             # flash-attn varlen layout over the flattened [m*T] batch: every sample and document start, then the end.
             bounds = [b * T + p for b, plan in enumerate(plans) for p in plan_positions(plan, T)]
@@ -134,12 +144,16 @@ class PackedLoader:
 
     def _valid_rows(self) -> Iterator[np.ndarray]:
         """The held-out documents of every dataset, in fixed order, cut into rows of seq_len + 1 (the last padded
-        with -1); read document by document so a large validation split never sits in memory at once."""
+        with -1); read document by document so a large validation split never sits in memory at once. A token
+        outside a chat dataset's loss mask comes as -2 - id (negative: no label; the id is recovered)."""
         S = self.seq_len + 1
         buf = np.zeros(0, dtype=np.int64)
         for s in self.sets:
             for doc in s.valid_ids:
-                buf = np.concatenate([buf, s.tokens(doc, 0, s.lengths[doc]).astype(np.int64)])
+                tokens = s.tokens(doc, 0, s.lengths[doc]).astype(np.int64)
+                if s.masks is not None:
+                    tokens = np.where(s.mask(doc, 0, s.lengths[doc]) == 0, -2 - tokens, tokens)
+                buf = np.concatenate([buf, tokens])
                 while buf.size >= S:
                     yield buf[:S]
                     buf = buf[S:]
@@ -169,6 +183,7 @@ class PackedLoader:
             labels = mine[:, 1:].clone()
             labels[labels < 0] = IGNORE_INDEX
             inputs = mine[:, :-1].clone()
+            inputs = torch.where(inputs <= -2, -2 - inputs, inputs)  # masked-out tokens are still inputs
             inputs[inputs < 0] = self.eod_id
             yield {"input_ids": inputs, "labels": labels}
 
@@ -251,6 +266,19 @@ def check_repeats(loader: PackedLoader, allow_repeat: bool = False, valid_fracti
     return per_step
 
 
+def warn_long_conversations(loader: PackedLoader) -> int:
+    """Chat datasets: count the conversations longer than one sample. Packing splits them across samples
+    (the second part trains without the first as context); nothing is cut silently. Returns the count."""
+    S = loader.seq_len + 1
+    long = {s.dir: int((np.asarray(s.lengths) > S).sum()) for s in loader.sets if s.masks is not None}
+    total = sum(long.values())
+    if total:
+        log.warning("%d conversation(s) are longer than trainer.seq_len + 1 = %d tokens and will be split across "
+                    "samples (%s); raise trainer.seq_len, or rebuild with data.chat.max_tokens=%d to skip them "
+                    "(counted in the manifest)", total, S, ", ".join(f"{d}: {n}" for d, n in long.items() if n), S)
+    return total
+
+
 def loader_from_config(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                        dp_size: int = 1, max_steps: int | None = None):
     """A :class:`PackedLoader` from a ``data`` config node (:class:`sbtrain.config.data.DataConfig`), checked by
@@ -263,6 +291,7 @@ def loader_from_config(data_cfg, seq_len: int, global_batch_size: int, micro_bat
                           split_seed=data_cfg.split_seed, per_domain_packing=data_cfg.per_domain_packing,
                           document_boundaries=data_cfg.document_boundaries)
     check_repeats(loader, getattr(data_cfg, "allow_repeat", False), data_cfg.valid_fraction, max_steps)
+    warn_long_conversations(loader)
     depth = int(getattr(data_cfg, "prefetch", 0))
     if depth > 0:
         from sbtrain.data.prefetch import PrefetchLoader

@@ -70,6 +70,18 @@ class DocumentSet:
         self.train_tokens, self.valid_tokens = int(self.index.meta["train_tokens"]), int(self.index.meta["valid_tokens"])
         self._orders: dict[tuple[int, int, int], np.ndarray] = {}
         self.eod_id = int(self.manifest["tokenizer"]["eod_id"])
+        # Chat datasets: a uint8 loss mask per token (1 = trained on), documents of the same lengths.
+        self.masks = None
+        mask_info = self.manifest.get("loss_mask")
+        if mask_info:
+            prefix = os.path.join(dataset_dir, mask_info["prefix"])
+            if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+                raise DataError(f"{dataset_dir}: its manifest names a loss mask but {prefix}.bin/.idx is missing: "
+                                "rebuild the dataset with sbtrain-data")
+            self.masks = IndexedDataset(prefix)
+            if len(self.masks) != n:
+                raise DataError(f"{dataset_dir}: the loss mask has {len(self.masks)} documents, the tokens {n}: "
+                                "rebuild the dataset with sbtrain-data")
 
     def epoch_order(self, seed: int, d: int, epoch: int) -> np.ndarray:
         key = (seed, d, epoch)
@@ -81,6 +93,12 @@ class DocumentSet:
 
     def tokens(self, doc: int, start: int, end: int) -> np.ndarray:
         return self.ds.get(int(doc), offset=int(start), length=int(end - start))
+
+    def mask(self, doc: int, start: int, end: int) -> np.ndarray:
+        """1 where a token carries loss (every token of a dataset without a loss mask)."""
+        if self.masks is None:
+            return np.ones(int(end - start), dtype=np.uint8)
+        return self.masks.get(int(doc), offset=int(start), length=int(end - start))
 
 
 def initial_cursor(n_datasets: int) -> dict:
@@ -196,6 +214,11 @@ def plan_positions(plan: Plan, seq_len: int) -> list[int]:
 
 def materialize(sets: list[DocumentSet], plan: Plan) -> np.ndarray:
     return np.concatenate([sets[d].tokens(doc, s, e) for d, doc, s, e in plan]).astype(np.int64)
+
+
+def materialize_mask(sets: list[DocumentSet], plan: Plan) -> np.ndarray:
+    """The loss mask of a sample, aligned with :func:`materialize`'s tokens."""
+    return np.concatenate([sets[d].mask(doc, s, e) for d, doc, s, e in plan])
 
 
 def open_sets(dataset_dirs: Sequence[str], valid_fraction: float, split_seed: int) -> list[DocumentSet]:

@@ -45,8 +45,10 @@ _PROBE = ("Hello world, it's 2024! Ünïcödé 文字 text\tand  two  spaces.\nd
 
 
 def train_bpe(texts: Iterable[str], out_dir: str, vocab_size: int, eod_token: str | None = None,
-              min_frequency: int = 2) -> str:
-    """Train a byte-level BPE on ``texts`` and save it as an HF tokenizer folder; returns ``out_dir``."""
+              min_frequency: int = 2, special_tokens: Sequence[str] = (), chat_template: str | None = None) -> str:
+    """Train a byte-level BPE on ``texts`` and save it as an HF tokenizer folder; returns ``out_dir``.
+    ``special_tokens`` (a chat template's turn markers) become whole tokens; ``chat_template`` is saved
+    with the tokenizer, so it travels with it to training, generation and export."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,12 +60,16 @@ def train_bpe(texts: Iterable[str], out_dir: str, vocab_size: int, eod_token: st
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[eod],
+        special_tokens=[eod, *(t for t in special_tokens if t != eod)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, whatever the corpus
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod)
+    if special_tokens:
+        fast.add_special_tokens({"additional_special_tokens": [t for t in special_tokens if t != eod]})
+    if chat_template:
+        fast.chat_template = chat_template
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir

@@ -86,12 +86,12 @@ def build_trainer(cfg: DictConfig, eval_callback: type | None = None) -> tuple[T
     validate_logger(lcfg)
     model_cfg = to_model_config(cfg.model)
     if tcfg.init_from:
-        # A converted (or any saved) model brings its own architecture; only training-time
-        # switches come from the model group.
-        from sbtrain.models.weights import load_config
+        # A converted model or a training checkpoint (SFT after CPT) brings its own architecture; only
+        # training-time switches come from the model group.
+        from sbtrain.trainer.init_from import model_config
 
         recipe_cfg = model_cfg
-        model_cfg = load_config(tcfg.init_from)
+        model_cfg = model_config(tcfg.init_from)
         model_cfg.document_masking = recipe_cfg.document_masking
         model_cfg.spike = recipe_cfg.spike  # spike-aware continual pretraining of saved weights
     data_cfg = OmegaConf.to_object(cfg.data).validate()

@@ -213,19 +213,19 @@ def build_parallel_model(model_cfg, mesh: ParallelMesh | None, pcfg, tcfg, devic
     With a mesh and the FSDP engine, TorchTitan's order: build on ``meta`` -> TP -> EP -> (CP)
     -> activation checkpointing -> compile -> FSDP -> ``to_empty(device)`` -> per-parameter seeded
     init of the local shards (equal to a full build, :func:`sbtrain.models.build.init_weights`) ->
-    ``init_from`` read shard by shard (:func:`sbtrain.models.weights.load_into`). No rank ever
+    ``init_from`` read shard by shard (:func:`sbtrain.trainer.init_from.load_weights`). No rank ever
     holds more than its shards plus one init block / one tensor being read.
 
     Single process, and the DeepSpeed engine (ZeRO partitions a whole, plain model after the
     fact; deepspeed.zero.Init would need its own construction path), build on the device in
     full as before; the per-parameter seeding makes those weights equal to the meta path's."""
     from sbtrain.models.build import build_model, count_parameters, init_weights
-    from sbtrain.models.weights import load_into
+    from sbtrain.trainer.init_from import load_weights
 
     if mesh is None or pcfg.engine != "fsdp":
         model = build_model(model_cfg, device=device)
         if init_from:
-            load_into(model, init_from)
+            load_weights(model, init_from)
         counts = count_parameters(model)
         return model, parallelize(model, mesh, pcfg, tcfg), counts
     model = build_model(model_cfg, device="meta")  # draws model.init_seed: same RNG use as a full build
@@ -235,7 +235,7 @@ def build_parallel_model(model_cfg, mesh: ParallelMesh | None, pcfg, tcfg, devic
     if model_cfg.tie_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise RuntimeError("tied embeddings came apart in to_empty: re-tie them before sharding")
     if init_from:
-        load_into(model, init_from)  # every tensor is overwritten: no init needed
+        load_weights(model, init_from)  # every tensor is overwritten: no init needed
         # (the expert-bias buffer is in the state dict too, so nothing is left uninitialised)
     else:
         init_weights(model)

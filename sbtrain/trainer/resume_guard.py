@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from sbtrain.config.model import ConfigError
-from sbtrain.models.build import to_model_config
+from sbtrain.trainer.init_from import checkpoint_model
 
 log = logging.getLogger("sbtrain.train")
 
@@ -53,28 +51,11 @@ def _show(value) -> str:
     return "absent" if value is _ABSENT else "null" if value is None else str(value)
 
 
-def _checkpoint_model(meta: dict) -> dict | None:
-    """The model a checkpoint holds: its ``model_config``, or (checkpoints written before it was
-    recorded) rebuilt from its run config; None when that is no longer possible."""
-    if "model_config" in meta:
-        return meta["model_config"]
-    from sbtrain.models.weights import load_config
-
-    config = meta.get("config") or {}
-    try:
-        init_from = (config.get("trainer") or {}).get("init_from")
-        model_cfg = load_config(init_from) if init_from else to_model_config(config["model"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        log.warning("cannot tell which model the checkpoint holds (%s): its architecture is not compared", exc)
-        return None
-    return OmegaConf.to_container(OmegaConf.structured(model_cfg))
-
-
 def resume_differences(checkpoint_meta: dict, run_meta: dict) -> list[str]:
     """``key: checkpoint X vs this run Y`` for every model key (but RESUME_FREE_MODEL_FIELDS) and
     the tokenizer that differ between a checkpoint and the run that would resume it."""
     lines = []
-    theirs = _checkpoint_model(checkpoint_meta)
+    theirs = checkpoint_model(checkpoint_meta)
     if theirs is not None:
         a, b = _leaves(theirs, "model."), _leaves(run_meta["model_config"], "model.")
         free = tuple(f"model.{f}" for f in RESUME_FREE_MODEL_FIELDS)

@@ -98,9 +98,9 @@ def stage_config(cfg: DictConfig, plan: list[StageConfig], index: int, run_dir: 
     if index > 0 and scfg.trainer.init_from:
         # Later stages load the previous stage's checkpoint: take the converted model's architecture,
         # as build_trainer would, without reading its weights again.
-        from sbtrain.models.weights import load_config
+        from sbtrain.trainer.init_from import model_config
 
-        arch = load_config(scfg.trainer.init_from)
+        arch = model_config(scfg.trainer.init_from)
         arch.document_masking = bool(cfg.model.document_masking)
         scfg.model = OmegaConf.structured(arch)
         scfg.trainer.init_from = None
