@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                                    "mean loss per log-spaced position bucket, JSON + PNG"),
     "lm_eval": Subcommand("sbtrain.eval.lm_eval_adapter:run", "eval",
                           "lm-evaluation-harness tasks (harness.tasks=[...]; needs lm-eval installed)"),
+    "chat_loss": Subcommand("sbtrain.eval.chat_loss:run", "eval",
+                            "assistant-token loss of held-out conversations (data.paths=[chats.jsonl])"),
     "passkey": Subcommand("sbtrain.eval.passkey:run", "eval_passkey",
                           "synthetic retrieval fine-tune, then passkey accuracy per length x depth (+ heatmap PNG)"),
 }

@@ -2,6 +2,11 @@
 continue a prompt with a trained model, decoding with its cache (GLA state, SWA ring, full KV)
 through :func:`sbtrain.models.generate`.
 
+``chat=true``: ``prompt`` is a user message (``system=`` adds a system message); it is rendered with
+the model's chat template (``template=``, else the tokenizer's, else the one its SFT data was built
+with) and the reply is streamed token by token (:func:`sbtrain.models.generate.stream`) until the
+template's end-of-turn marker, the EOD token or ``max_new_tokens``.
+
 ``ckpt`` is an sbtrain weights directory or a training checkpoint (a ``step_XXXXXXXX`` directory,
 a run's ``checkpoints/`` or out_dir), as for ``sbtrain-export``. The tokenizer is the weights
 dir's ``tokenizer/`` or the one named in the run's data manifest, unless ``tokenizer.path=DIR``
@@ -36,6 +41,9 @@ class GenerateConfig:
     seed: int = 0  # seed of the sampling generator
     threads: int | None = None  # torch threads; null: torch's default
     format: str = "text"  # text | json
+    chat: bool = False  # prompt is a user message: apply the chat template and stream the assistant reply
+    system: str | None = None  # chat: an optional system message
+    template: str | None = None  # chat: chatml | a .jinja file; null: the tokenizer's, else the SFT data's
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # tokenizer.path=DIR overrides the ckpt's
 
 
@@ -76,6 +84,66 @@ def load(ckpt: str, tokenizer_path: str | None):
     return model, tok
 
 
+def end_of_turn(tok, template) -> str | None:
+    """The text a template puts after an assistant message (chatml: ``<|im_end|>``): where a reply ends."""
+    from sbtrain.data.chat import render
+
+    mark = "\x00reply\x00"
+    text = render(tok, [{"role": "user", "content": "u"}, {"role": "assistant", "content": mark}], template)
+    return text.split(mark, 1)[1].strip() or None if mark in text else None
+
+
+def chat(cfg: GenerateConfig, out=None) -> dict:
+    """``chat=true``: render the prompt as a user turn, stream the reply, stop at the end of the turn."""
+    import sys
+
+    import torch
+
+    from sbtrain.data.chat import render
+    from sbtrain.eval.loading import EvalModel, chat_template_of
+    from sbtrain.models.generate import stream
+
+    out = out or sys.stdout
+    model, tok = load(cfg.ckpt, cfg.tokenizer.path)
+    eod_id = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+    loaded = EvalModel(model, tok, eod_id, "sbtrain", str(_source_of(cfg.ckpt)), "")
+    template = chat_template_of(loaded, cfg.template)
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": cfg.prompt}]
+    prompt = render(tok, messages, template, add_generation_prompt=True)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    stop = end_of_turn(tok, template)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ids, shown, stopped_by = [], "", "max_new_tokens"
+    start = time.perf_counter()
+    for token in stream(model, torch.tensor([prompt_ids]), cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator):
+        if token == eod_id:
+            stopped_by = "eod"
+            break
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=False)
+        if stop is not None and stop in text:
+            text, stopped_by = text.split(stop, 1)[0], "end_of_turn"
+        if cfg.format == "text" and len(text) > len(shown):  # stream what is new (a byte may complete later)
+            out.write(text[len(shown):])
+            out.flush()
+        shown = max(shown, text, key=len)
+        if stopped_by == "end_of_turn":
+            break
+    elapsed = time.perf_counter() - start
+    if cfg.format == "text":
+        out.write("\n")
+    return {"prompt": cfg.prompt, "rendered_prompt": prompt, "prompt_ids": prompt_ids, "new_ids": ids,
+            "reply": shown, "stopped_by": stopped_by, "template": template.name, "seconds": elapsed,
+            "tokens_per_s": len(ids) / elapsed if elapsed else float("nan")}
+
+
+def _source_of(ckpt: str):
+    from sbtrain.export.hf_export import resolve_source
+
+    return resolve_source(ckpt)[1]
+
+
 def run(cfg: GenerateConfig) -> dict:
     """Generate and return ``{prompt_ids, new_ids, text, ...}`` (the CLI prints it)."""
     import torch
@@ -107,6 +175,11 @@ def task(cfg: DictConfig) -> dict:
         gen_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg))
     except MissingMandatoryValue as exc:
         raise GenerateError(f"{exc.full_key} is required: sbtrain-generate ckpt=DIR prompt=\"...\"") from exc
+    if gen_cfg.chat:
+        result = chat(validate(gen_cfg))
+        if gen_cfg.format == "json":
+            print(json.dumps(result), flush=True)
+        return result
     result = run(validate(gen_cfg))
     if gen_cfg.format == "json":
         print(json.dumps(result), flush=True)

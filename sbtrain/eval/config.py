@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from sbtrain.config.data import TokenizerConfig
+from sbtrain.config.data import ChatConfig, TokenizerConfig
 from sbtrain.eval.corpus import EvalError
 
 
@@ -56,6 +56,8 @@ class EvalConfig:
     device: str = "cpu"
     out: str | None = None  # directory for the JSON (+ PNG); None: print only
     harness: HarnessConfig = field(default_factory=HarnessConfig)  # lm_eval subcommand only
+    # chat_loss subcommand: the messages field, the template (null: the model's own), loss_on, max_tokens
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 def models_of(cfg) -> list[tuple[str, str]]:

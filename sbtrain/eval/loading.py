@@ -14,6 +14,7 @@ The tokenizer is ``tokenizer_path`` if given, else the HF folder itself, the wei
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,4 +87,25 @@ def load_eval_model(ckpt: str, backend: str = "auto", tokenizer_path: str | None
     return EvalModel(model.to(device).eval(), tokenizer, eod_id, backend, str(source), tok_dir)
 
 
-__all__ = ["BACKENDS", "EvalModel", "load_eval_model", "pick_backend"]
+def chat_template_of(loaded: EvalModel, name: str | None):
+    """The chat template to talk to ``loaded`` with: ``name`` (built-in or a .jinja file) when given;
+    else the tokenizer's own; else the one its SFT data was rendered with (the training run's first
+    dataset manifest). Raises :class:`EvalError` naming the knob when there is none."""
+    from sbtrain.data.chat import ChatTemplate, resolve_template
+    from sbtrain.data.sources import DataError
+
+    if name is not None or getattr(loaded.tokenizer, "chat_template", None):
+        try:
+            return resolve_template(name, loaded.tokenizer)
+        except DataError as exc:
+            raise EvalError(str(exc).replace("data.chat.template", "template")) from None
+    try:
+        config = json.loads((Path(loaded.source) / "meta.json").read_text())["config"]
+        manifest = json.loads((Path(config["data"]["datasets"][0]) / "manifest.json").read_text())
+        return ChatTemplate(manifest["loss_mask"]["chat_template"], "the SFT data's")
+    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        raise EvalError(f"no chat template for {loaded.source}: its tokenizer has none and its training data "
+                        "recorded none; name one with template=chatml or template=/path/to/template.jinja") from None
+
+
+__all__ = ["BACKENDS", "EvalModel", "chat_template_of", "load_eval_model", "pick_backend"]

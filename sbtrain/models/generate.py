@@ -7,6 +7,8 @@ cache (a ring of exactly W past tokens for sliding-window layers, everything for
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from sbtrain.models.cache import DecodeCache
@@ -61,3 +63,23 @@ def generate(
         if step + 1 < max_new_tokens:
             logits = decode_step(model, token, cache)
     return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def stream(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """One prompt ``[1,T]``: yield each new token as soon as it is chosen (the caller may stop early,
+    e.g. at an end-of-turn marker; the next step is only computed when asked for)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"stream() decodes one prompt; got a batch of {input_ids.shape[0]}")
+    logits, cache = prefill(model, input_ids)
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, generator)
+        yield int(token[0])
+        logits = decode_step(model, token, cache)

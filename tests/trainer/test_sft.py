@@ -4,7 +4,6 @@ tokens, packing-invariant loss, and context parallelism equal to one process."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -36,18 +35,64 @@ def chat_sets(tmp_path_factory):
     return {"chat": str(root / "chat"), "text": str(root / "text"), "manifest": manifest}
 
 
-def test_sft_from_a_cpt_checkpoint_lowers_the_assistant_loss(chat_sets, tmp_path):
-    cpt = tmp_path / "cpt"
+@pytest.fixture(scope="module")
+def sft_run(chat_sets, tmp_path_factory):
+    """A 4-step CPT run on plain text, then 30 SFT steps from its checkpoint (experiment=tiny_sft)."""
+    root = tmp_path_factory.mktemp("sft_run")
+    cpt, sft = root / "cpt", root / "sft"
     run(chat_sets["text"], cpt, "trainer.max_steps=4", "trainer.eval_every=0")
-    sft = tmp_path / "sft"
     summary = run(chat_sets["chat"], sft, "experiment=tiny_sft", f"trainer.init_from={cpt}", "trainer.max_steps=30",
                   "trainer.eval_every=10", "trainer.eval_batches=4", "optim.warmup_steps=2", "trainer.seq_len=64")
-    valid = losses(sft, "valid")
+    return {"cpt": cpt, "sft": sft, "summary": summary}
+
+
+def test_sft_from_a_cpt_checkpoint_lowers_the_assistant_loss(sft_run):
+    valid = losses(sft_run["sft"], "valid")
     assert valid[30] < 0.7 * valid[0], f"the assistant-token validation loss must fall: {valid}"
     # Only assistant tokens count: far fewer trained tokens than tokens seen.
-    assert 0 < summary["tokens"] < 0.6 * 30 * 4 * 64
-    config = json.loads(json.dumps(summary))
-    assert config["step"] == 30
+    assert 0 < sft_run["summary"]["tokens"] < 0.6 * 30 * 4 * 64
+    assert sft_run["summary"]["step"] == 30
+
+
+def test_chat_generation_streams_the_reply_until_the_end_of_turn(sft_run):
+    import io
+
+    from sbtrain.cli.generate import GenerateConfig, chat
+    from sbtrain.cli.generate import load as load_model
+    from sbtrain.models import generate
+
+    cfg = GenerateConfig(ckpt=str(sft_run["sft"]), prompt="What is 3 plus 4?", max_new_tokens=24, chat=True)
+    streamed = io.StringIO()
+    result = chat(cfg, out=streamed)
+    assert result["rendered_prompt"] == "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
+    assert streamed.getvalue() == result["reply"] + "\n"
+    assert "<|im_end|>" not in result["reply"]
+    model, tok = load_model(str(sft_run["sft"]), None)
+    greedy = generate(model, torch.tensor([result["prompt_ids"]]), len(result["new_ids"]))[0, len(result["prompt_ids"]):]
+    assert greedy.tolist() == result["new_ids"], "streaming must pick the tokens generate() picks"
+    if result["stopped_by"] == "end_of_turn":
+        assert tok.decode(result["new_ids"]).startswith(result["reply"] + "<|im_end|>")
+
+
+def test_chat_loss_scores_the_assistant_tokens_and_falls_with_sft(sft_run, chat_sets, tmp_path):
+    from sbtrain.eval.chat_loss import chat_loss, conversations
+    from sbtrain.eval.loading import chat_template_of, load_eval_model
+
+    held = make_conversations(12, seed=99)
+    path = write_conversations(tmp_path / "held.jsonl", [*held, {"messages": [{"role": "user", "content": "hi"}]}])
+    items = conversations([path], "messages", None)
+    rows = {}
+    for name in ("cpt", "sft"):
+        loaded = load_eval_model(str(sft_run[name]))
+        rows[name] = chat_loss(loaded, items, chat_template_of(loaded, "chatml"))
+    assert rows["sft"]["loss"] < rows["cpt"]["loss"]
+    assert rows["sft"]["skipped"] == {"no_assistant": 1} and rows["sft"]["conversations"] == 12
+    # Exactly the tokens SFT trains on: the same conversations built as a dataset count them too.
+    manifest = build_indexed_dataset(
+        DataConfig(paths=[write_conversations(tmp_path / "same.jsonl", held)], output=str(tmp_path / "same"),
+                   records="chat", chat=ChatConfig(template="chatml")),
+        TokenizerConfig(kind="pretrained", path=chat_sets["manifest"]["tokenizer"]["path"]))
+    assert rows["sft"]["tokens"] == manifest["loss_mask"]["trained_tokens"]
 
 
 def _chat_loader(directory: str, seq_len: int, boundaries: bool) -> PackedLoader:
