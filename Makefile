@@ -10,12 +10,13 @@ EXTRAS     ?= dev
 CPU_ALLOC  := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench-ops bench-train bench-cp bench-convert bench-spike-cpt bench-w8aspike bench-ttft bench-memory bench-decode lint clean help
+.PHONY: install test train sft bench-ops bench-train bench-cp bench-convert bench-spike-cpt bench-w8aspike bench-ttft bench-memory bench-decode lint clean help
 
 help:
 	@echo "make install    create $(VENV) and install sbtrain with pinned dependencies"
 	@echo "make test       run the whole test suite (CPU, gloo for multi-process tests)"
 	@echo "make train      train the tiny hybrid model on the bundled corpus (CPU)"
+	@echo "make sft        SFT of the newest make-train run on generated conversations (docs/SFT.md)"
 	@echo "make bench-ops  operator benchmark: chunked GLA vs causal SDPA (CPU)"
 	@echo "make bench-train training tokens/s: every dense *_tiny recipe (sb7b_tiny, ...), qwen2_tiny, HF Qwen2 (CPU)"
 	@echo "make bench-cp   context parallel CP=1 vs CP=2: traffic, peak memory, step time (CPU, gloo)"
@@ -51,6 +52,23 @@ $(STDLIB)/tokenized/manifest.json: $(STDLIB)/corpus.jsonl
 
 train: install $(STDLIB)/tokenized/manifest.json
 	$(CPU_ALLOC) $(PY) -m sbtrain.train experiment=tiny_cpu $(TRAIN_ARGS)
+
+# make sft: generated conversations (sbtrain/data/chat_corpus.py) -> chat dataset with the make-train
+# tokenizer -> SFT of the newest runs/tiny_cpu-* (or SFT_FROM=DIR) with the loss on the assistant turns.
+CHAT       := data/chat
+SFT_FROM   ?= $(lastword $(sort $(wildcard runs/tiny_cpu-*)))
+SFT_ARGS   ?=
+
+$(CHAT)/conversations.jsonl: | install
+	$(PY) -m sbtrain.data.chat_corpus --out $@
+
+$(CHAT)/tokenized/manifest.json: $(CHAT)/conversations.jsonl $(STDLIB)/tokenized/manifest.json
+	$(PY) -m sbtrain.cli.data data.records=chat data.chat.template=chatml data.paths=[$(CHAT)/conversations.jsonl] \
+		tokenizer.path=$(STDLIB)/tokenized/tokenizer data.output=$(CHAT)/tokenized data.overwrite=true
+
+sft: install $(CHAT)/tokenized/manifest.json
+	@test -n "$(SFT_FROM)" || { echo "no runs/tiny_cpu-* to start from: run make train first (or SFT_FROM=DIR)"; exit 2; }
+	$(CPU_ALLOC) $(PY) -m sbtrain.train experiment=tiny_sft trainer.init_from=$(SFT_FROM) $(SFT_ARGS)
 
 bench-ops: install
 	$(CPU_ALLOC) $(PY) benchmarks/ops.py
