@@ -114,7 +114,7 @@ def chat(cfg: GenerateConfig, out=None) -> dict:
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     stop = end_of_turn(tok, template)
     generator = torch.Generator().manual_seed(cfg.seed)
-    ids, shown, stopped_by = [], "", "max_new_tokens"
+    ids, shown, text, stopped_by = [], "", "", "max_new_tokens"
     start = time.perf_counter()
     for token in stream(model, torch.tensor([prompt_ids]), cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator):
         if token == eod_id:
@@ -124,18 +124,30 @@ def chat(cfg: GenerateConfig, out=None) -> dict:
         text = tok.decode(ids, skip_special_tokens=False)
         if stop is not None and stop in text:
             text, stopped_by = text.split(stop, 1)[0], "end_of_turn"
-        if cfg.format == "text" and len(text) > len(shown):  # stream what is new (a byte may complete later)
-            out.write(text[len(shown):])
+        # Show what cannot turn into the end-of-turn marker any more (its pieces arrive token by token).
+        ready = text if stopped_by == "end_of_turn" else text[:len(text) - _pending(text, stop)]
+        if cfg.format == "text" and len(ready) > len(shown) and ready.startswith(shown):
+            out.write(ready[len(shown):])
             out.flush()
-        shown = max(shown, text, key=len)
+        shown = ready if ready.startswith(shown) else shown
         if stopped_by == "end_of_turn":
             break
     elapsed = time.perf_counter() - start
     if cfg.format == "text":
-        out.write("\n")
+        out.write(text[len(shown):] + "\n")  # a held-back tail that never became the marker
     return {"prompt": cfg.prompt, "rendered_prompt": prompt, "prompt_ids": prompt_ids, "new_ids": ids,
-            "reply": shown, "stopped_by": stopped_by, "template": template.name, "seconds": elapsed,
+            "reply": text, "stopped_by": stopped_by, "template": template.name, "seconds": elapsed,
             "tokens_per_s": len(ids) / elapsed if elapsed else float("nan")}
+
+
+def _pending(text: str, stop: str | None) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``stop`` (may still become it)."""
+    if not stop:
+        return 0
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
 
 
 def _source_of(ckpt: str):

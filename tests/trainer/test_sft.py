@@ -66,7 +66,7 @@ def test_chat_generation_streams_the_reply_until_the_end_of_turn(sft_run):
     result = chat(cfg, out=streamed)
     assert result["rendered_prompt"] == "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
     assert streamed.getvalue() == result["reply"] + "\n"
-    assert "<|im_end|>" not in result["reply"]
+    assert "<|im_" not in streamed.getvalue(), "a piece of the end-of-turn marker was streamed"
     model, tok = load_model(str(sft_run["sft"]), None)
     greedy = generate(model, torch.tensor([result["prompt_ids"]]), len(result["new_ids"]))[0, len(result["prompt_ids"]):]
     assert greedy.tolist() == result["new_ids"], "streaming must pick the tokens generate() picks"
@@ -173,3 +173,11 @@ def test_context_parallel_sft_equals_one_process(chat_sets):
         for name, grad in one["grads"].items():
             # fp32 chunks inside the GLA op and the loss: measured max |diff| 5e-8 on gradients of up to 0.3.
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-6, atol=2e-7, msg=name)
+
+
+def test_the_stream_holds_back_what_may_become_the_end_of_turn_marker():
+    from sbtrain.cli.generate import _pending
+
+    assert _pending("5 plus 2 is 7.<|im_", "<|im_end|>") == len("<|im_")
+    assert _pending("5 plus 2 is 7.<", "<|im_end|>") == 1
+    assert _pending("a < b", "<|im_end|>") == 0 and _pending("abc", None) == 0
