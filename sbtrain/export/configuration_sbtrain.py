@@ -39,7 +39,7 @@ class SbtrainConfig(PretrainedConfig):
         hybrid: dict | None = None,
         moe: dict | None = None,
         initializer_range: float = 0.02,
-        use_cache: bool = False,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -62,7 +62,7 @@ class SbtrainConfig(PretrainedConfig):
                                       "feature_map": "sigmoid"})
         self.moe = dict(moe or {"num_experts": 0})
         self.initializer_range = initializer_range
-        # No decode cache yet: generate() recomputes the whole sequence each step (see modeling_sbtrain).
+        # As HF models: forward returns a decode cache (SbtrainCache) unless use_cache=False.
         self.use_cache = use_cache
         # The kinds themselves are checked by the modeling code, which knows the mixers it carries.
         if len(self.layer_kinds) != num_hidden_layers or not all(isinstance(k, str) for k in self.layer_kinds):

@@ -11,7 +11,7 @@ The folder written::
     modeling_sbtrain.py
     model.safetensors              or model-0000i-of-0000N.safetensors + model.safetensors.index.json
     config.yaml                    the exact sbtrain ModelConfig (for re-import into sbtrain)
-    generation_config.json         use_cache false: the exported code has no decode cache yet
+    generation_config.json         greedy by default, decoding with the exported SbtrainCache (use_cache true)
     tokenizer files                from tokenizer (tokenizer.path=DIR on the CLI), the weights dir's tokenizer/, or the run's data manifest
 
 Everything goes into a hidden sibling temp directory that is renamed onto ``out`` at the end.
@@ -63,11 +63,13 @@ MIXERS_BEGIN, MIXERS_END = "# --- sbtrain mixers: begin ---", "# --- sbtrain mix
 
 def modeling_code() -> str:
     """``modeling_sbtrain.py`` as exported: the template with its mixer imports replaced by the text of
-    the shared HF helpers and of every registered kind's HF code (each file once, in registration order)."""
+    the shared HF helpers, the decode cache and every registered kind's HF code (each file once, in
+    registration order)."""
     template = (HERE / "modeling_sbtrain.py").read_text()
     head, rest = template.split(MIXERS_BEGIN, 1)
     tail = rest.split(MIXERS_END, 1)[1]
-    files = list(dict.fromkeys([MIXERS_HF / "common.py", *(kind.export_code for kind in MIXERS.values())]))
+    shared = [MIXERS_HF / "common.py", MIXERS_HF / "cache.py"]
+    files = list(dict.fromkeys([*shared, *(kind.export_code for kind in MIXERS.values())]))
     parts = [f"# -- from sbtrain/models/mixers/hf/{f.name} --\n{exported_text(f)}" for f in files]
     return head + "\n\n".join(parts) + tail
 
@@ -169,7 +171,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "hybrid": plain["hybrid"],
         "moe": plain["moe"],
         "initializer_range": cfg.init_std,
-        "use_cache": False,
+        "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -247,7 +249,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.
         config, code_files = w8a_config(config, model, settings), (*CODE_FILES, W8A_CODE_FILE)
         (tmp / W8A_REPORT_FILE).write_text(w8a_report(quantized, settings))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    (tmp / "generation_config.json").write_text(json.dumps({"use_cache": False, "do_sample": False}, indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps({"use_cache": True, "do_sample": False}, indent=1))
     for name in code_files:
         if name == "modeling_sbtrain.py":
             (tmp / name).write_text(modeling_code())

@@ -10,9 +10,17 @@ the same tensor names, so the safetensors load without renaming:
   built by kind from ``EXPORT_MIXERS``;
 - FFN: SwiGLU, or MoE (fp32 router, top-k, optional shared expert, experts ``[E, Din, Dout]``).
 
-There is no decode cache yet: ``use_cache`` is False and ``generate()`` recomputes the whole
-sequence at every step (O(T^2) work for T generated tokens; correct, not fast).
-Padding is not supported: an ``attention_mask`` with zeros is an error.
+Decode cache: :class:`SbtrainCache` (a transformers ``Cache``, from ``sbtrain/models/mixers/hf/cache.py``),
+as sbtrain's own decode: a constant-size recurrent state per GLA / Gated DeltaNet layer, a ring of
+the last W keys/values per sliding-window layer, every key/value of a full-attention layer, and
+both for the 76B's hybrid layers. ``use_cache`` defaults to True: the forward creates the cache,
+returns it as ``cache`` (transformers 5; ``past_key_values`` is the older name, accepted as an
+argument too) and continues it when it is passed back; ``generate()`` decodes one token per step.
+Padding: ``attention_mask`` zeros (left padding for ``generate()``) mark tokens that change
+nothing: softmax attention never sees their keys, linear layers neither write nor decay their
+state for them, and each row's positions count its real tokens only (the first one is 0). Only
+the last T columns of ``attention_mask`` are read; the cache remembers the earlier ones. MoE with
+``capacity_factor`` is the exception: padding tokens take expert capacity, as in sbtrain.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sbtrain import SbtrainConfig
@@ -37,6 +46,7 @@ except ImportError:  # transformers 4.x initialises before loading, so plain tor
 # In the package this imports the mixers' HF code; ``sbtrain-export`` replaces the lines from "begin"
 # to "end" with that code's text (``sbtrain/models/mixers/hf/``), so the export needs no sbtrain.
 from sbtrain.models.mixers.hf import load_all
+from sbtrain.models.mixers.hf.cache import SbtrainCache, position_ids_from
 from sbtrain.models.mixers.hf.common import SbtrainRMSNorm, rotary_cos_sin
 
 EXPORT_MIXERS = load_all()
@@ -146,8 +156,9 @@ class SbtrainDecoderLayer(nn.Module):
         else:
             self.mlp = SbtrainMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, real=None, cache=None) -> torch.Tensor:
+        """``real``: ``[B,T]`` bool, False at padding (None: none); ``cache``: this layer's SbtrainLayerCache."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, real, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,16 +196,38 @@ class SbtrainModel(SbtrainPreTrainedModel):
         self.norm = SbtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, real=None,
+                cache: SbtrainCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B,T,d]``; ``real`` ``[B,T]`` bool marks real tokens (None: no padding);
+        ``cache`` is read and extended by every layer."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T)
+            start = None if cache is None else cache.next_position
+            position_ids = position_ids_from(start, real, B, T, x.device)
         cos, sin = rotary_cos_sin(position_ids.expand(B, T), self.config.head_dim, self.config.rope_base,
                                   getattr(self.config, "rope_yarn", None))
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, real, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(real, B, T, x.device)
         return self.norm(x)
+
+
+def real_tokens(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """``[B,T]`` bool, True where the T new tokens are real rather than padding (None: no padding).
+    HF's ``attention_mask`` spans the cached columns too; only its last T columns are read."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} must be 2-D [batch={batch}, "
+                         f"columns >= {length} new tokens] of 1 (token) and 0 (padding)")
+    real = attention_mask[:, -length:].bool()
+    return None if bool(real.all()) else real
+
+
+# The output field that carries the cache: ``cache`` in transformers 5, ``past_key_values`` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SbtrainForCausalLM(SbtrainPreTrainedModel, GenerationMixin):
@@ -206,15 +239,29 @@ class SbtrainForCausalLM(SbtrainPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("the sbtrain export does not support padding (attention_mask has zeros); "
-                             "run unpadded prompts one at a time or batch prompts of equal length")
-        if past_key_values is not None or use_cache:
-            raise ValueError("the sbtrain export has no decode cache yet; call with use_cache=False "
-                             "(generation_config.json sets it)")
-        hidden = self.model(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate() must not build a DynamicCache: the forward creates its own SbtrainCache and returns it."""
+        return False
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        if past_key_values is not None:  # the name transformers 4 uses
+            if cache is not None:
+                raise ValueError("pass the cache once, as cache= or as past_key_values= (its older name), not both")
+            cache = past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if cache is not None and not isinstance(cache, SbtrainCache):
+            raise TypeError(f"cache is a {type(cache).__name__}; an sbtrain model decodes with the SbtrainCache its "
+                            "forward returns (leave cache unset for a new one)")
+        if cache is None and use_cache:
+            cache = SbtrainCache(self.config.num_hidden_layers)
+        if cache is not None:
+            cache.check_batch(B)
+        real = real_tokens(attention_mask, B, T)
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, real=real,
+                            cache=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -222,7 +269,7 @@ class SbtrainForCausalLM(SbtrainPreTrainedModel, GenerationMixin):
         if labels is not None:
             # HF convention: labels[:, t] is the token at t, so predict t + 1 from t; mean over targets.
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
-__all__ = ["SbtrainForCausalLM", "SbtrainModel", "SbtrainPreTrainedModel"]
+__all__ = ["SbtrainCache", "SbtrainForCausalLM", "SbtrainModel", "SbtrainPreTrainedModel"]

@@ -17,6 +17,10 @@ Copied into a ``format=w8aspike`` export beside ``modeling_sbtrain.py`` and
   spikes only in eval mode (``from_pretrained`` returns the model in eval mode). MoE: ``router``
   spikes the router input, ``experts`` the rows entering the routed experts' gate/up (their
   down-projection input is never spiked); ``gk_proj`` spikes the GLA gate input only.
+
+Decoding goes through :class:`SbtrainForCausalLM`'s forward and its ``SbtrainCache`` unchanged: the
+quantized Linears and the spike hooks act on each token alone (``V_th`` is per token), so cached
+decoding and padded batches behave as in the ``hf`` format.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@ exported ``modeling_sbtrain.py`` (users load it without sbtrain, with ``trust_re
 
 Each file here is importable (for tests and linting), and its text below the line
 :data:`EXPORTED_BELOW` is what the exporter copies: ``common.py`` first (shared helpers and the
-``EXPORT_MIXERS`` table), then the file named by every registered kind's ``MixerKind.export_code``.
+``EXPORT_MIXERS`` table), ``cache.py`` (the decode cache, a transformers ``Cache``), then the file
+named by every registered kind's ``MixerKind.export_code``. A mixer's forward is
+``forward(x, cos, sin, real=None, cache=None)``: ``real`` ``[B,T]`` bool is False at padding tokens
+(None: no padding), ``cache`` the layer's ``SbtrainLayerCache`` (None: no decode cache).
 A kind's classes register themselves with ``@export_mixer("kind", ...)`` and are built as
 ``EXPORT_MIXERS[kind](config, kind)`` by the exported decoder layer.
 """

@@ -101,3 +101,12 @@ def project_qkv(module: nn.Module, x: torch.Tensor, head_dim: int, prefix: str =
 def hf_window(config, windowed: bool) -> int | None:
     """W past keys for a windowed kind (``config.sliding_window`` is HF's W + 1, the current token too)."""
     return config.sliding_window - 1 if windowed else None
+
+
+def padding_neutral(real, *tensors):
+    """Each ``[B,T,...]`` tensor with the padding tokens' entries zeroed (``real`` ``[B,T]`` bool, None:
+    no padding): a zero key or write strength adds nothing to a recurrent state and a zero log-decay
+    keeps it, so padding leaves the state as if it were absent."""
+    if real is None:
+        return tensors
+    return tuple(t.masked_fill(~real.view(*real.shape, *[1] * (t.dim() - 2)), 0) for t in tensors)

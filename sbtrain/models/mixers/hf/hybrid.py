@@ -1,5 +1,7 @@
 """HF side of ``hybrid_full`` / ``hybrid_swa``: a softmax branch with learned sinks beside a key-tied
-linear branch (``g = -softplus(k_pre)``, sigmoid feature map), merged with per-head norms and betas."""
+linear branch (``g = -softplus(k_pre)``, sigmoid feature map), merged with per-head norms and betas.
+With a decode cache the layer keeps both branches' states: the softmax branch's keys/values (all, or a
+ring of W) and the linear branch's recurrent state; the sinks are parameters, never cached."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbtrain.models.mixers.hf.attention import softmax_attention
+from sbtrain.models.mixers.hf.attention import cached_softmax_attention
 from sbtrain.models.mixers.hf.common import (
     SbtrainRMSNorm,
     apply_rotary,
@@ -17,7 +19,7 @@ from sbtrain.models.mixers.hf.common import (
     make_qkvo,
     project_qkv,
 )
-from sbtrain.models.mixers.hf.gla import gated_linear_attention
+from sbtrain.models.mixers.hf.gla import cached_linear_attention
 
 # --- exported code below ---
 
@@ -55,15 +57,15 @@ class SbtrainHybridAttention(nn.Module):
         init.constant_(self.beta_attn, self.beta_init)
         init.constant_(self.beta_linear, self.beta_init)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, real=None, cache=None) -> torch.Tensor:
         q_pre, k_pre, v = project_qkv(self, x, self.head_dim)
-        attn = softmax_attention(apply_rotary(q_pre, cos, sin), apply_rotary(k_pre, cos, sin), v, self.window,
-                                 self.sink_k, self.sink_v)
+        attn = cached_softmax_attention(apply_rotary(q_pre, cos, sin), apply_rotary(k_pre, cos, sin), v, self.window,
+                                        real, cache, self.sink_k, self.sink_v)
         if not self.shared:
             q_pre, k_pre, v = project_qkv(self, x, self.head_dim, prefix="linear_")
         g = -F.softplus(k_pre.float())  # log(1 - sigmoid(k_pre)), the key-tied decay, computed stably
         fm = self.feature_map
-        lin = gated_linear_attention(feature_map(q_pre, fm), feature_map(k_pre, fm), v, g)
+        lin = cached_linear_attention(feature_map(q_pre, fm), feature_map(k_pre, fm), v, g, real, cache)
         attn = self.beta_attn * self.attn_norm(attn).flatten(2)
         lin = self.beta_linear * self.linear_norm(lin).flatten(2)
         if self.shared:
