@@ -14,7 +14,6 @@ The tokenizer is ``tokenizer_path`` if given, else the HF folder itself, the wei
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +98,11 @@ def chat_template_of(loaded: EvalModel, name: str | None):
             return resolve_template(name, loaded.tokenizer)
         except DataError as exc:
             raise EvalError(str(exc).replace("data.chat.template", "template")) from None
+    from sbtrain.trainer.init_from import run_data_manifest
+
     try:
-        config = json.loads((Path(loaded.source) / "meta.json").read_text())["config"]
-        manifest = json.loads((Path(config["data"]["datasets"][0]) / "manifest.json").read_text())
-        return ChatTemplate(manifest["loss_mask"]["chat_template"], "the SFT data's")
-    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        return ChatTemplate(run_data_manifest(loaded.source)["loss_mask"]["chat_template"], "the SFT data's")
+    except (KeyError, TypeError):
         raise EvalError(f"no chat template for {loaded.source}: its tokenizer has none and its training data "
                         "recorded none; name one with template=chatml or template=/path/to/template.jinja") from None
 

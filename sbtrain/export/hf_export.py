@@ -43,12 +43,12 @@ from sbtrain.export.w8aspike_export import (
     w8a_tensors,
     w8a_total_bytes,
 )
-from sbtrain.models.build import build_model, to_model_config
+from sbtrain.models.build import build_model
 from sbtrain.models.mixers import MIXERS
 from sbtrain.models.mixers.hf import HERE as MIXERS_HF
 from sbtrain.models.mixers.hf import exported_text
 from sbtrain.models.model import CausalLM
-from sbtrain.models.weights import CONFIG, WeightsError, load_config, load_into, save_weights
+from sbtrain.models.weights import CONFIG, WeightsError, save_weights
 
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_sbtrain.py", "modeling_sbtrain.py")
@@ -79,66 +79,23 @@ class ExportError(ConfigError):
 
 
 def resolve_source(ckpt: str | os.PathLike) -> tuple[str, Path]:
-    """``("weights", dir)`` or ``("training", step_dir)`` for what ``ckpt`` names."""
-    from sbtrain.trainer.checkpoint import STEP_DIR, Checkpointer, verify
+    """``("weights", dir)`` or ``("training", step_dir)`` for what ``ckpt`` names (as ``trainer.init_from``)."""
+    from sbtrain.trainer.init_from import resolve
 
-    path = Path(ckpt)
-    if not path.is_dir():
-        raise ExportError(f"ckpt={ckpt} is not a directory; give a weights directory (with {CONFIG}) or a training "
-                          "checkpoint (checkpoints/step_XXXXXXXX or the run's checkpoints/ directory)")
-    # A run's out_dir also holds a config.yaml (the whole run config): its checkpoints/ decide.
-    if (path / CONFIG).is_file() and not (path / "checkpoints").is_dir():
-        return "weights", path
-    if STEP_DIR.match(path.name) and (path / "meta.json").is_file():
-        reason = verify(path)
-        if reason is not None:
-            raise ExportError(f"ckpt={ckpt} is a damaged training checkpoint: {reason}; export an earlier step")
-        return "training", path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"  # a run's out_dir
-    candidates = Checkpointer(path).candidates()
-    for candidate in candidates:
-        if verify(candidate) is None:
-            return "training", candidate
-    if candidates:
-        raise ExportError(f"ckpt={ckpt}: none of its checkpoints {[c.name for c in candidates]} is intact")
-    raise ExportError(f"ckpt={ckpt} is neither an sbtrain weights directory (no {CONFIG}) nor a training checkpoint "
-                      "(no step_XXXXXXXX/meta.json, no checkpoints/ with a latest); point ckpt= at one of those")
-
-
-def load_training_checkpoint(step_dir: Path) -> CausalLM:
-    """Build the run's model from ``meta.json`` and load its tensors (``model/<name>`` in DCP)."""
-    import torch.distributed.checkpoint as dcp
-
-    from sbtrain.trainer.checkpoint import Checkpointer
-
-    meta = json.loads((step_dir / "meta.json").read_text())
-    model_node = (meta.get("config") or {}).get("model")
-    if model_node is None:
-        raise ExportError(f"{step_dir}/meta.json has no config.model (the run's resolved model config); "
-                          "was it written by sbtrain-train?")
-    model = build_model(to_model_config(model_node), device="cpu")
-    saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    state = model.state_dict()
-    if model.config.tie_embeddings and "model/lm_head.weight" not in saved:
-        state.pop("lm_head.weight", None)  # a tied alias a checkpoint may store only once
-    missing = sorted(name for name in state if f"model/{name}" not in saved)
-    if missing:
-        raise ExportError(f"{step_dir} lacks model tensors {missing[:3]} (and {max(len(missing) - 3, 0)} more): "
-                          "its meta.json config does not match its tensors")
-    Checkpointer(step_dir.parent).load({"model": state}, step_dir)  # verified, loaded in place
-    model.tie_weights()
-    return model
+    try:
+        return resolve(ckpt, knob="ckpt")
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def load_source(ckpt: str | os.PathLike) -> tuple[CausalLM, Path, str]:
-    """The model with its weights, the resolved source directory and its kind."""
+    """The model with its weights (the architecture its run built), the resolved source directory and
+    its kind."""
+    from sbtrain.trainer.init_from import load_weights, model_config
+
     kind, path = resolve_source(ckpt)
-    if kind == "weights":
-        model = build_model(load_config(path), device="cpu")
-        load_into(model, path)
-    else:
-        model = load_training_checkpoint(path)
+    model = build_model(model_config(path, knob="ckpt"), device="cpu")
+    load_weights(model, path, knob="ckpt")
     return model.eval(), path, kind
 
 
@@ -186,13 +143,31 @@ def find_tokenizer(source: Path, kind: str, tokenizer: str | os.PathLike | None)
         return path
     if kind == "weights":
         return source / "tokenizer" if (source / "tokenizer").is_dir() else None
+    from sbtrain.trainer.init_from import run_data_manifest
+
     try:
-        config = json.loads((source / "meta.json").read_text())["config"]
-        manifest = json.loads((Path(config["data"]["datasets"][0]) / "manifest.json").read_text())
-        path = Path(manifest["tokenizer"]["path"])
-    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        path = Path(run_data_manifest(source)["tokenizer"]["path"])
+    except (KeyError, TypeError):
         return None
     return path if path.is_dir() else None
+
+
+def add_chat_template(folder: Path, source: Path, kind: str) -> str | None:
+    """Give an exported tokenizer without a chat template the one its SFT data was rendered with (the
+    run's data manifest), so ``apply_chat_template`` renders what the model was fine-tuned on."""
+    from sbtrain.trainer.init_from import run_data_manifest
+
+    config_path = folder / "tokenizer_config.json"
+    template = ((run_data_manifest(source) or {}).get("loss_mask") or {}).get("chat_template") if kind == "training" \
+        else None
+    if not template or not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    if config.get("chat_template") or (folder / "chat_template.jinja").is_file():
+        return None  # the tokenizer's own template wins
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2))
+    return template
 
 
 def is_model_file(name: str) -> bool:
@@ -260,6 +235,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.
         for file in tok.iterdir():
             if file.is_file() and not is_model_file(file.name):
                 shutil.copyfile(file, tmp / file.name)
+        add_chat_template(tmp, source, kind)
     if out.exists():  # move the old export aside first so `out` is never half-written
         old = out.with_name(f".{out.name}.export.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -29,11 +29,12 @@ from sbtrain.trainer.checkpoint import STEP_DIR, Checkpointer, verify
 log = logging.getLogger("sbtrain.train")
 
 
-def resolve(path: str | Path) -> tuple[str, Path]:
-    """``("weights", dir)`` or ``("training", step_dir)`` for what ``path`` names."""
+def resolve(path: str | Path, knob: str = "trainer.init_from") -> tuple[str, Path]:
+    """``("weights", dir)`` or ``("training", step_dir)`` for what ``path`` names (``knob``: the setting
+    that named it, for the messages: ``ckpt`` for export, generate and eval)."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"trainer.init_from={path} is not a directory; give a weights directory (with {CONFIG}) "
+        raise ConfigError(f"{knob}={path} is not a directory; give a weights directory (with {CONFIG}) "
                           "or a training checkpoint (checkpoints/step_XXXXXXXX, a run's checkpoints/ or out_dir)")
     # A run's out_dir also holds a config.yaml (the whole run config): its checkpoints/ decide.
     if (path / CONFIG).is_file() and not (path / "checkpoints").is_dir():
@@ -41,7 +42,7 @@ def resolve(path: str | Path) -> tuple[str, Path]:
     if STEP_DIR.match(path.name) and (path / "meta.json").is_file():
         reason = verify(path)
         if reason is not None:
-            raise ConfigError(f"trainer.init_from={path} is a damaged training checkpoint: {reason}; "
+            raise ConfigError(f"{knob}={path} is a damaged training checkpoint: {reason}; "
                               "give an earlier step")
         return "training", path
     if (path / "checkpoints").is_dir():
@@ -51,14 +52,15 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         if verify(candidate) is None:
             return "training", candidate
     if candidates:
-        raise ConfigError(f"trainer.init_from={path}: none of its checkpoints {[c.name for c in candidates]} is intact")
-    raise ConfigError(f"trainer.init_from={path} is neither an sbtrain weights directory (no {CONFIG}) nor a training "
+        raise ConfigError(f"{knob}={path}: none of its checkpoints {[c.name for c in candidates]} is intact")
+    raise ConfigError(f"{knob}={path} is neither an sbtrain weights directory (no {CONFIG}) nor a training "
                       "checkpoint (no step_XXXXXXXX/meta.json, no checkpoints/ with a latest)")
 
 
-def model_config(path: str | Path) -> ModelConfig:
-    """The architecture of the model stored at ``path``."""
-    kind, where = resolve(path)
+def model_config(path: str | Path, knob: str = "trainer.init_from") -> ModelConfig:
+    """The architecture of the model stored at ``path``: a weights directory's config, or what a
+    checkpoint's run actually built (its recorded ``model_config``: a converted model's, not the recipe's)."""
+    kind, where = resolve(path, knob)
     if kind == "weights":
         return load_config(where)
     meta = json.loads((where / "meta.json").read_text())
@@ -83,9 +85,9 @@ def checkpoint_model(meta: dict) -> dict | None:
     return OmegaConf.to_container(OmegaConf.structured(model_cfg))
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, path: str | Path, knob: str = "trainer.init_from") -> None:
     """Overwrite every tensor of ``model`` (plain or sharded) with the ones stored at ``path``."""
-    kind, where = resolve(path)
+    kind, where = resolve(path, knob)
     if kind == "weights":
         load_into(model, where)
         return
@@ -99,10 +101,20 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         model.tie_weights()
 
 
+def run_data_manifest(step_dir: str | Path) -> dict | None:
+    """The manifest of the first dataset a training checkpoint's run read (its tokenizer, and for
+    SFT data the chat template); None for a weights directory, or when the data has moved away."""
+    try:
+        config = json.loads((Path(step_dir) / "meta.json").read_text())["config"]
+        return json.loads((Path(config["data"]["datasets"][0]) / "manifest.json").read_text())
+    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        return None
+
+
 def _partial():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(strict=False)  # the tied head alias may be left out
 
 
-__all__ = ["checkpoint_model", "load_weights", "model_config", "resolve"]
+__all__ = ["checkpoint_model", "load_weights", "model_config", "resolve", "run_data_manifest"]

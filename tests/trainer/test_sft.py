@@ -4,6 +4,7 @@ tokens, packing-invariant loss, and context parallelism equal to one process."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -181,3 +182,45 @@ def test_the_stream_holds_back_what_may_become_the_end_of_turn_marker():
     assert _pending("5 plus 2 is 7.<|im_", "<|im_end|>") == len("<|im_")
     assert _pending("5 plus 2 is 7.<", "<|im_end|>") == 1
     assert _pending("a < b", "<|im_end|>") == 0 and _pending("abc", None) == 0
+
+
+def test_the_export_serves_the_chat_model(sft_run, tmp_path):
+    """The exported folder carries the tokenizer with the SFT data's chat template (the make-train
+    tokenizer has none), and transformers' cached generate() replies as sbtrain-generate chat=true."""
+    import io
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sbtrain.cli.generate import GenerateConfig, chat
+    from sbtrain.export import export
+
+    out = export(sft_run["sft"], tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "What is 3 plus 4?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours = chat(GenerateConfig(ckpt=str(sft_run["sft"]), prompt="What is 3 plus 4?", max_new_tokens=12, chat=True),
+                out=io.StringIO())
+    assert prompt == ours["rendered_prompt"]
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.tensor([ours["prompt_ids"]])
+    new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(ours["new_ids"]), do_sample=False,
+                      pad_token_id=0)[0, ids.shape[1]:]
+    assert new.tolist() == ours["new_ids"]
+
+
+def test_export_gives_a_template_less_tokenizer_the_sft_datas_template(chat_sets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sbtrain.export.hf_export import add_chat_template
+
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"config": {"data": {"datasets": [chat_sets["chat"]]}}}))
+    tok = AutoTokenizer.from_pretrained(chat_sets["manifest"]["tokenizer"]["path"])
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    expected = chat_sets["manifest"]["loss_mask"]["chat_template"]
+    assert add_chat_template(tmp_path / "tok", step, "training") == expected
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").chat_template == expected
+    assert add_chat_template(tmp_path / "tok", step, "training") is None  # its own template now wins
+    assert add_chat_template(tmp_path / "tok", step, "weights") is None
