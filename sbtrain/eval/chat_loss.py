@@ -11,16 +11,14 @@ per reason, never scored.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from sbtrain.eval.corpus import EvalError
-from sbtrain.eval.ppl import format_table
+from sbtrain.eval.ppl import report
 from sbtrain.eval.scoring import eval_mode, model_device, token_nll
 
 
@@ -84,13 +82,7 @@ def run(cfg) -> list[dict]:
         row = chat_loss(loaded, items, template, chat_cfg.field, chat_cfg.loss_on, chat_cfg.max_tokens)
         rows.append({"label": label, "ckpt": ckpt, "backend": loaded.backend, **row})
         del loaded
-    print(format_table(rows, ["label", "backend", "conversations", "tokens", "loss", "ppl"]), flush=True)
-    if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "chat_loss.json").write_text(json.dumps({"data": list(cfg.data.paths), "results": rows}, indent=1))
-        print(f"wrote {out / 'chat_loss.json'}", flush=True)
-    return rows
+    return report(cfg, rows, ["label", "backend", "conversations", "tokens", "loss", "ppl"], "chat_loss.json")
 
 
 __all__ = ["chat_loss", "conversations", "run"]

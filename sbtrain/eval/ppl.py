@@ -87,13 +87,18 @@ def run(cfg) -> list[dict]:
         rows.append({"label": label, "ckpt": ckpt, "backend": loaded.backend, "tokenizer": loaded.tokenizer_path,
                      **row})
         del loaded
-    print(format_table(rows, ["label", "backend", "seq_len", "stride", "tokens", "loss", "ppl", "bpb"]), flush=True)
+    return report(cfg, rows, ["label", "backend", "seq_len", "stride", "tokens", "loss", "ppl", "bpb"], "ppl.json")
+
+
+def report(cfg, rows: list[dict], columns: list[str], name: str) -> list[dict]:
+    """Print ``rows`` as a table and, with ``cfg.out``, write them to ``<out>/<name>``; returns them."""
+    print(format_table(rows, columns), flush=True)
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ppl.json").write_text(json.dumps({"data": list(cfg.data.paths), "results": rows}, indent=1))
-        print(f"wrote {out / 'ppl.json'}", flush=True)
+        (out / name).write_text(json.dumps({"data": list(cfg.data.paths), "results": rows}, indent=1))
+        print(f"wrote {out / name}", flush=True)
     return rows
 
 
-__all__ = ["PplStats", "bits_per_byte", "evaluate_ppl", "format_table", "measure_ppl", "run"]
+__all__ = ["PplStats", "bits_per_byte", "evaluate_ppl", "format_table", "measure_ppl", "report", "run"]
