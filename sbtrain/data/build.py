@@ -32,7 +32,15 @@ from sbtrain.data.chat import resolve_template
 from sbtrain.data.chat_records import bad_record_error, bpe_texts, encode_source
 from sbtrain.data.prepare import check_empty, prepare_source
 from sbtrain.data.sources import DataError, Source, fingerprint_file, load_source, reader_error, resolve_sources
-from sbtrain.data.tokenizer import encode_texts, load_tokenizer, split_long, tokenizer_hash, train_bpe, vocab_info
+from sbtrain.data.tokenizer import (
+    cached_tokenizer,
+    encode_texts,
+    load_tokenizer,
+    split_long,
+    tokenizer_hash,
+    train_bpe,
+    vocab_info,
+)
 
 PREFIX = "data"  # <dir>/data.bin, <dir>/data.idx
 MASK_PREFIX = "mask"  # chat datasets: <dir>/mask.bin|.idx, uint8 per token (1 = trained on), same lengths
@@ -44,19 +52,8 @@ DATASET_FILES = (f"{PREFIX}.bin", f"{PREFIX}.idx", MANIFEST)
 
 log = logging.getLogger(__name__)
 
-_WORKER_TOKENIZERS: dict[tuple[str, str | None], tuple] = {}
-
-
 def dataset_prefix(dataset_dir: str) -> str:
     return os.path.join(dataset_dir, PREFIX)
-
-
-def _tokenizer_in_worker(path: str, eod_token: str | None):
-    # Worker processes load the tokenizer from its folder once, instead of unpickling it per batch.
-    key = (path, eod_token)
-    if key not in _WORKER_TOKENIZERS:
-        _WORKER_TOKENIZERS[key] = load_tokenizer(path, eod_token)
-    return _WORKER_TOKENIZERS[key]
 
 
 def _skip_reason(text) -> str | None:
@@ -71,7 +68,7 @@ def _skip_reason(text) -> str | None:
 
 def encode_batch(texts: list, tok_path: str, eod_token: str | None) -> dict[str, list]:
     """Token ids (EOD appended) and a skip reason ("" when kept) for each text."""
-    tok, eod = _tokenizer_in_worker(tok_path, eod_token)
+    tok, eod = cached_tokenizer(tok_path, eod_token)
     reasons = [_skip_reason(t) or "" for t in texts]
     encoded = iter(encode_texts(tok, [t for t, r in zip(texts, reasons) if not r]))
     empty = np.zeros(0, dtype=np.int32)
@@ -273,8 +270,8 @@ def _build(data: DataConfig, tok_cfg: TokenizerConfig, sources: list[Source], tm
         docs = toks = records = 0
         if not src.empty:
             if chat:
-                rows = ((item.ids, item) for item in encode_source(src, data.chat, tok, eod_id, template, data.streaming,
-                                                                  cache, data.hub_split))
+                rows = ((item.ids, item) for item in encode_source(src, data.chat, tok_path, tok_cfg.eod_token, template,
+                                                                  data.streaming, cache, data.hub_split, data.num_proc))
             else:
                 ds, field_name = loaded_of[id(src)]
                 rows = _encoded_rows(ds, field_name, data.streaming, data.num_proc, tok_path, tok_cfg.eod_token)

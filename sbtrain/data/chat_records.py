@@ -9,8 +9,11 @@ malformed lines) have already run (:mod:`sbtrain.data.prepare`): lines it droppe
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,9 @@ from jinja2 import TemplateError
 
 from sbtrain.data.chat import BadConversation, ChatTemplate, check_messages, encode_conversation
 from sbtrain.data.sources import DataError, DecodeStats, Source, decoded_lines, load_source, parse_json_line
+from sbtrain.data.tokenizer import cached_tokenizer
+
+BATCH = 256  # records per worker task
 
 
 @dataclass
@@ -55,23 +61,50 @@ def _is_array(path: str) -> bool:
     return head.startswith(b"[")
 
 
-def encode_source(src: Source, chat_cfg, tokenizer, eod_id: int, template: ChatTemplate, streaming: bool,
-                  cache_dir: str, hub_split: str) -> Iterator[Encoded]:
-    """Every record of ``src`` as token ids + loss mask, or the reason it cannot be one."""
+def encode_record(where: str, record, tokenizer, eod_id: int, template: ChatTemplate, chat_cfg) -> Encoded:
+    """One record as token ids + loss mask, or the reason it cannot be one."""
+    try:
+        messages = check_messages(record, chat_cfg.field)
+        ids, mask = encode_conversation(tokenizer, messages, template, chat_cfg.loss_on)
+        if chat_cfg.max_tokens is not None and ids.size + 1 > chat_cfg.max_tokens:
+            raise BadConversation("too_long", f"{ids.size + 1} tokens > data.chat.max_tokens={chat_cfg.max_tokens}")
+    except BadConversation as exc:
+        return Encoded(where, reason=exc.reason, why=str(exc))
+    except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template refuses it (e.g. role order)
+        return Encoded(where, reason="template_error", why=f"the chat template failed: {type(exc).__name__}: {exc}")
     eod_mask = np.uint8(chat_cfg.loss_on == "all")  # loss_on=all trains on the document end too
-    for where, record in records(src, chat_cfg.field, streaming, cache_dir, hub_split):
-        try:
-            messages = check_messages(record, chat_cfg.field)
-            ids, mask = encode_conversation(tokenizer, messages, template, chat_cfg.loss_on)
-            if chat_cfg.max_tokens is not None and ids.size + 1 > chat_cfg.max_tokens:
-                raise BadConversation("too_long", f"{ids.size + 1} tokens > data.chat.max_tokens={chat_cfg.max_tokens}")
-        except BadConversation as exc:
-            yield Encoded(where, reason=exc.reason, why=str(exc))
-            continue
-        except (TemplateError, ValueError, TypeError, KeyError) as exc:  # the template refuses it (e.g. role order)
-            yield Encoded(where, reason="template_error", why=f"the chat template failed: {type(exc).__name__}: {exc}")
-            continue
-        yield Encoded(where, np.append(ids, eod_id), np.append(mask, eod_mask))
+    return Encoded(where, np.append(ids, eod_id), np.append(mask, eod_mask))
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _encode_batch(batch: list[tuple[str, dict]], tok_path: str, eod_token: str | None, template: ChatTemplate,
+                  chat_cfg) -> list[Encoded]:
+    tokenizer, eod_id = cached_tokenizer(tok_path, eod_token)
+    return [encode_record(where, record, tokenizer, eod_id, template, chat_cfg) for where, record in batch]
+
+
+def encode_source(src: Source, chat_cfg, tok_path: str, eod_token: str | None, template: ChatTemplate,
+                  streaming: bool, cache_dir: str, hub_split: str, num_proc: int = 1) -> Iterator[Encoded]:
+    """Every record of ``src`` encoded (:func:`encode_record`), in order; ``num_proc`` > 1 spreads batches
+    of records over worker processes, a bounded number in flight (memory stays flat)."""
+    batches = _batched(records(src, chat_cfg.field, streaming, cache_dir, hub_split), BATCH)
+    if num_proc <= 1:
+        for batch in batches:
+            yield from _encode_batch(batch, tok_path, eod_token, template, chat_cfg)
+        return
+    with ProcessPoolExecutor(max_workers=num_proc) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_batch, batch, tok_path, eod_token, template, chat_cfg))
+            if len(pending) >= 2 * num_proc:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 def bpe_texts(src: Source, field: str, streaming: bool, cache_dir: str, hub_split: str) -> Iterator[str]:
@@ -88,4 +121,4 @@ def bad_record_error(src: Source, item: Encoded) -> DataError:
                      "skip such records (counted per reason in the manifest)")
 
 
-__all__ = ["Encoded", "bad_record_error", "bpe_texts", "encode_source", "records"]
+__all__ = ["Encoded", "bad_record_error", "bpe_texts", "encode_record", "encode_source", "records"]

@@ -95,6 +95,18 @@ def load_tokenizer(path: str, eod_token: str | None = None):
     return tok, int(eod_id)
 
 
+_CACHED: dict[tuple[str, str | None], tuple] = {}
+
+
+def cached_tokenizer(path: str, eod_token: str | None = None):
+    """:func:`load_tokenizer`, once per process (the build's worker processes load the tokenizer from
+    its folder once instead of unpickling it with every batch)."""
+    key = (path, eod_token)
+    if key not in _CACHED:
+        _CACHED[key] = load_tokenizer(path, eod_token)
+    return _CACHED[key]
+
+
 def tokenizer_hash(tok) -> str:
     """sha256 of the tokenizer's full definition (vocab, merges, normalisation, special tokens)."""
     backend = getattr(tok, "backend_tokenizer", None)

@@ -157,3 +157,20 @@ def test_a_template_that_is_not_incremental_is_refused(tmp_path, chat_set):
                              loss_on="all")
     assert manifest["loss_mask"]["trained_tokens"] == manifest["num_tokens"]
     assert json.loads(json.dumps(manifest))["records"] == "chat"
+
+
+def test_worker_processes_build_the_same_dataset(tmp_path, chat_set):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    records = make_conversations(600, seed=8)
+    records[7] = {"messages": [{"role": "user", "content": "no answer"}]}  # a skip, counted the same way
+    tok = TokenizerConfig(kind="pretrained", path=chat_set["manifest"]["tokenizer"]["path"])
+    one, dir_one = build_chat(tmp_path, records, name="one", tokenizer=tok, on_bad_record="skip")
+    path = write_conversations(tmp_path / "two.jsonl", records)
+    data = DataConfig(paths=[path], output=str(tmp_path / "two"), records="chat", num_proc=2, on_bad_record="skip")
+    two = build_indexed_dataset(data, tok)
+    assert (one["num_tokens"], one["skipped"], one["loss_mask"]["trained_tokens"]) == \
+        (two["num_tokens"], two["skipped"], two["loss_mask"]["trained_tokens"])
+    for prefix in ("data", "mask"):
+        a, b = IndexedDataset(f"{dir_one}/{prefix}"), IndexedDataset(f"{tmp_path}/two/{prefix}")
+        assert all(np.array_equal(a[i], b[i]) for i in range(len(a))) and len(a) == len(b) == 599
