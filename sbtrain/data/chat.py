@@ -1,7 +1,8 @@
 """Conversation records -> token ids + a loss mask (``data.records=chat``, ``data.chat.*``).
 
 A record holds ``messages: [{role, content}, ...]`` (OpenAI / HF style; roles system, user,
-assistant, tool). It is rendered with a chat template — the tokenizer's own (``tokenizer_config.json``
+assistant, tool; an assistant message may carry ``tool_calls`` instead of text, which the template
+renders — the built-in chatml renders only text). It is rendered with a chat template — the tokenizer's own (``tokenizer_config.json``
 ``chat_template``), a built-in one by name (``chatml``: Qwen's ``<|im_start|>role\\n...<|im_end|>``),
 or a Jinja file — through transformers' ``apply_chat_template``, so training sees exactly the text a
 serving stack renders.
@@ -85,6 +86,8 @@ def check_messages(record, field: str) -> list[dict]:
         if role not in ROLES:
             raise BadConversation("unknown_role", f"message {i} has role {role!r}; the roles are {', '.join(ROLES)}")
         content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""  # an OpenAI-style tool call: the template renders message["tool_calls"]
         if not isinstance(content, str):
             raise BadConversation("bad_message", f"message {i} ({role}) has no text content")
         out.append({**message, "content": content})

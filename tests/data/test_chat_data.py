@@ -174,3 +174,31 @@ def test_worker_processes_build_the_same_dataset(tmp_path, chat_set):
     for prefix in ("data", "mask"):
         a, b = IndexedDataset(f"{dir_one}/{prefix}"), IndexedDataset(f"{tmp_path}/two/{prefix}")
         assert all(np.array_equal(a[i], b[i]) for i in range(len(a))) and len(a) == len(b) == 599
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for call in m.get('tool_calls') or [] %}<call>{{ call['function']['name'] }}"
+    "({{ call['function']['arguments'] }})</call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tool_calls_and_tool_results_train_the_calls(tmp_path, chat_set):
+    """An assistant turn that only calls a tool is trained on (the call as the template renders it);
+    the tool's result is context, like a user turn."""
+    tok, _ = load_tokenizer(chat_set["manifest"]["tokenizer"]["path"])
+    path = tmp_path / "tools.jinja"
+    path.write_text(TOOL_TEMPLATE)
+    template = resolve_template(str(path))
+    record = {"messages": [
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "5"},
+        {"role": "assistant", "content": "2 plus 3 is 5."}]}
+    ids, mask = encode_conversation(tok, check_messages(record, "messages"), template)
+    trained = tok.decode(ids[mask == 1].tolist())
+    assert trained == '<call>add({"a": 2, "b": 3})</call><|im_end|>\n2 plus 3 is 5.<|im_end|>\n'
+    no_call = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}
+    with pytest.raises(ValueError, match="message 1 \\(assistant\\) has no text content"):
+        check_messages(no_call, "messages")
