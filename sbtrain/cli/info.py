@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from sbtrain.cli.app import run_app
 from sbtrain.models.build import build_model, count_parameters
+from sbtrain.models.ffn import layer_ffns
 from sbtrain.models.mixers import layer_mixers
 
 
@@ -19,20 +20,9 @@ def model_info(model_cfg) -> dict:
     info = {"model": cfg.name, **count_parameters(model), "layer_pattern": kinds}
     for kind in dict.fromkeys(layer_mixers(cfg)):  # each kind present adds what it wants shown
         info.update(kind.info(cfg))
-    moe = cfg.moe
-    if moe.num_experts:
-        info["moe"] = {
-            "num_experts": moe.num_experts,
-            "top_k": moe.top_k,
-            "num_shared_experts": moe.num_shared_experts,
-            "expert_intermediate_size": moe.expert_intermediate_size or cfg.intermediate_size,
-            "moe_layers": [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)],
-            "dense_layers": sorted(moe.dense_layers),
-            "router_activation": moe.router_activation,
-            "capacity_factor": moe.capacity_factor,
-        }
-    else:
-        info["moe"] = None
+    for ffn in dict.fromkeys(layer_ffns(cfg)):
+        info.update(ffn.info(cfg))
+    info.setdefault("moe", None)  # the key is always there: null for a model without experts
     return info
 
 

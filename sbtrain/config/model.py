@@ -39,6 +39,18 @@ def register_layer_kind(name: str, summary: str) -> None:
     LAYER_KINDS[name] = summary
 
 
+# FFN kinds (``sbtrain/models/ffn/``) register here with the divisibility their tensor-parallel plan
+# needs, so a layout is checked before a model is built.
+FFN_KINDS: dict[str, str] = {}
+FFN_TP_CHECKS: dict[str, object] = {}
+
+
+def register_ffn_kind(name: str, summary: str, tp_check) -> None:
+    """Make ``name`` an FFN kind ``ModelConfig.ffn_types`` may give (called by the FFN registry)."""
+    FFN_KINDS[name] = summary
+    FFN_TP_CHECKS[name] = tp_check
+
+
 @dataclass
 class GLAConfig:
     """The 7B's gated linear attention layer."""
@@ -121,6 +133,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     sliding_window: int = 512  # W past tokens + the current one (HF's sliding_window is W + 1)
     layer_pattern: list[str] = field(default_factory=lambda: ["full"])
+    # The FFN kind of each layer, a period like layer_pattern (sbtrain/models/ffn/: dense, moe, ...);
+    # null: moe where model.moe has experts (all layers but moe.dense_layers), dense elsewhere.
+    ffn_pattern: list[str] | None = None
     document_masking: bool = False  # reset state / mask attention / restart positions at cu_seqlens
     init_std: float = 0.02
     gla: GLAConfig = field(default_factory=GLAConfig)
@@ -138,7 +153,16 @@ class ModelConfig:
         return [pattern[i % len(pattern)] for i in range(self.num_layers)]
 
     def is_moe_layer(self, index: int) -> bool:
-        return self.moe.num_experts > 0 and index not in set(self.moe.dense_layers)
+        return self.ffn_types()[index] == "moe"
+
+    def ffn_types(self) -> list[str]:
+        """The FFN kind of every layer: ``ffn_pattern`` expanded, or by default ``moe`` where
+        ``model.moe`` routes experts and ``dense`` elsewhere."""
+        if self.ffn_pattern:
+            pattern = list(self.ffn_pattern)
+            return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+        dense = set(self.moe.dense_layers)
+        return ["moe" if self.moe.num_experts > 0 and i not in dense else "dense" for i in range(self.num_layers)]
 
     def validate(self) -> ModelConfig:
         """Raise :class:`ConfigError` naming the first bad value and its fix; return self."""
@@ -171,6 +195,17 @@ class ModelConfig:
             if LAYER_KINDS and kind not in LAYER_KINDS:
                 raise ConfigError(f"model.layer_pattern entry {kind!r} is not a layer kind; use one of "
                                   f"{sorted(LAYER_KINDS)}")
+        if self.ffn_pattern is not None:
+            ffns = list(self.ffn_pattern)
+            if not ffns or self.num_layers % len(ffns):
+                raise ConfigError(f"model.ffn_pattern has {len(ffns)} entries, which does not divide model.num_layers="
+                                  f"{self.num_layers}; give one entry per layer, a period that divides it, or null")
+            for kind in ffns:
+                if FFN_KINDS and kind not in FFN_KINDS:
+                    raise ConfigError(f"model.ffn_pattern entry {kind!r} is not an FFN kind; use one of "
+                                      f"{sorted(FFN_KINDS)}")
+            if "moe" in ffns and not self.moe.num_experts:
+                raise ConfigError("model.ffn_pattern has moe layers but model.moe.num_experts=0; set the experts")
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (past tokens seen)")
         if self.gla.feature_map not in FEATURE_MAPS or self.hybrid.feature_map not in FEATURE_MAPS:

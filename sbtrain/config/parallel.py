@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from parallel.mesh import ParallelDims
-from sbtrain.config.model import ConfigError, ModelConfig
+from sbtrain.config.model import FFN_TP_CHECKS, ConfigError, ModelConfig
 
 ENGINES = ("fsdp", "deepspeed")
 ACCELERATORS = ("auto", "cpu", "cuda", "maca")
@@ -99,12 +99,11 @@ def validate_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
             f"model.num_key_value_heads={hkv} is not divisible by parallel.tp={tp}: each rank needs whole KV heads; "
             f"choose parallel.tp among the divisors of {hkv}, {fix}"
         )
-    has_dense_ffn = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-    if has_dense_ffn and cfg.intermediate_size % tp:
-        raise ConfigError(
-            f"model.intermediate_size={cfg.intermediate_size} is not divisible by parallel.tp={tp}: the dense FFN "
-            f"is split by columns; choose parallel.tp dividing it"
-        )
+    for kind in dict.fromkeys(cfg.ffn_types()):  # each FFN kind's own divisibility (sbtrain/models/ffn/)
+        if kind not in FFN_TP_CHECKS:  # a check skipped silently would let a bad layout through
+            raise RuntimeError(f"FFN kind {kind!r} is not registered: import sbtrain.models before validating a "
+                               f"tensor-parallel layout")
+        FFN_TP_CHECKS[kind](cfg, tp)
     if cfg.vocab_size % tp:
         padded = -(-cfg.vocab_size // tp) * tp
         raise ConfigError(

@@ -43,6 +43,7 @@ from sbtrain.convert.hf_source import (
 )
 from sbtrain.convert.upcycle import routed_expert_weight, shared_expert_weight, upcycle_factors
 from sbtrain.models.build import build_model, init_specs, to_model_config
+from sbtrain.models.ffn import layer_ffns
 from sbtrain.models.mixers import layer_mixers, mixer_kind
 from sbtrain.models.weights import save_weights, write_manifest
 
@@ -150,7 +151,7 @@ def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
     std, seed = model_cfg.init_std, cfg.seed
     rules = init_specs(model, std)  # how the model initialises a tensor the teacher does not have
     buffers = {n for n, _ in model.named_buffers()}  # fp32 by design (the router's expert bias)
-    kinds = layer_mixers(model_cfg)
+    kinds, ffns = layer_mixers(model_cfg), layer_ffns(model_cfg)
     moe = model_cfg.moe
     factors = upcycle_factors(cfg.upcycle.scale, moe.num_experts, moe.top_k, moe.num_shared_experts) \
         if moe.num_experts else None
@@ -176,7 +177,8 @@ def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
         if rest.startswith("self_attn."):
             rel = rest.removeprefix("self_attn.")
             mixer_src = prefix + "self_attn." + kinds[int(m.group(1))].hf_source(rel)
-        if name in source.shapes and not rest.startswith("mlp.experts"):
+        upcycled = ffns[int(m.group(1))].upcycled_from(rest.removeprefix("mlp.")) if rest.startswith("mlp.") else None
+        if name in source.shapes and upcycled is None:
             need(name, shape, name)
             plan.append((name, lambda r, s=name: r.get(s), "copy"))
         elif name == "lm_head.weight" and model_cfg.tie_embeddings:
@@ -185,19 +187,18 @@ def plan_tensors(source: HFSource, model_cfg: ModelConfig, cfg: ConvertConfig):
         elif mixer_src is not None and mixer_src != name and mixer_src in source.shapes:
             need(mixer_src, shape, name)
             plan.append((name, lambda r, s=mixer_src: r.get(s), "reuse"))
-        elif rest.startswith(("mlp.experts.", "mlp.shared_expert.")):
-            which = rest.split(".")[2].removesuffix("_proj")
-            dense = f"{prefix}mlp.{which}_proj.weight"
-            expected = (shape[2], shape[1]) if rest.startswith("mlp.experts.") else None
-            if expected is None:  # shared: [S*I, d] (gate/up) or [d, S*I] (down)
+        elif upcycled is not None:  # the FFN kind builds it from the teacher's dense FFN (MoE upcycling)
+            (dense_rel, role), which = upcycled, upcycled[0].split("_proj")[0]
+            dense = f"{prefix}mlp.{dense_rel}"
+            if role == "routed":  # [E, Din, Dout] <- the dense [Dout, Din]
+                expected = (shape[2], shape[1])
+                fn = (lambda r, d=dense, f=factors[which]: routed_expert_weight(r.get(d), f, moe.num_experts, r.dtype))
+            else:  # shared: [S*I, d] (gate/up) or [d, S*I] (down)
                 s_count = moe.num_shared_experts
                 expected = (shape[0], shape[1] // s_count) if which == "down" else (shape[0] // s_count, shape[1])
-            need(dense, expected, name)
-            if rest.startswith("mlp.experts."):
-                fn = (lambda r, d=dense, f=factors[which]: routed_expert_weight(r.get(d), f, moe.num_experts, r.dtype))
-            else:
                 fn = (lambda r, d=dense, f=factors[which], w=which:
                       shared_expert_weight(r.get(d), f, moe.num_shared_experts, w, r.dtype))
+            need(dense, expected, name)
             plan.append((name, fn, "upcycle"))
         elif name in rules:  # new: the model's own init rule, drawn reproducibly from (seed, name)
             kind, value = rules[name][2]

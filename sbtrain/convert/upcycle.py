@@ -62,7 +62,7 @@ def shared_expert_weight(dense_weight: torch.Tensor, factor: float, num_shared: 
 @torch.no_grad()
 def upcycle_moe_state(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, moe: MoEConfig, scale: str,
                       router: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The state dict of one :class:`sbtrain.models.moe.MoE` (names relative to it) upcycled from a
+    """The state dict of one :class:`sbtrain.models.ffn.moe.MoE` (names relative to it) upcycled from a
     dense SwiGLU FFN given as HF Linear weights; ``router`` is the (random) router weight."""
     dtype = gate.dtype if dtype is None else dtype
     f = upcycle_factors(scale, moe.num_experts, moe.top_k, moe.num_shared_experts)

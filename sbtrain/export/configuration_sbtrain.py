@@ -35,6 +35,7 @@ class SbtrainConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         sliding_window: int = 513,
         layer_kinds: list[str] | None = None,
+        ffn_kinds: list[str] | None = None,
         gla: dict | None = None,
         hybrid: dict | None = None,
         moe: dict | None = None,
@@ -61,12 +62,18 @@ class SbtrainConfig(PretrainedConfig):
         self.hybrid = dict(hybrid or {"share_branch_projections": True, "num_sink_tokens": 0, "beta_init": 0.5,
                                       "feature_map": "sigmoid"})
         self.moe = dict(moe or {"num_experts": 0})
+        # One FFN kind per layer; configs written before ffn_kinds existed derive it from moe.
+        self.ffn_kinds = list(ffn_kinds) if ffn_kinds is not None else [
+            "moe" if self.is_moe_layer(i) else "dense" for i in range(num_hidden_layers)]
         self.initializer_range = initializer_range
         # As HF models: forward returns a decode cache (SbtrainCache) unless use_cache=False.
         self.use_cache = use_cache
         # The kinds themselves are checked by the modeling code, which knows the mixers it carries.
         if len(self.layer_kinds) != num_hidden_layers or not all(isinstance(k, str) for k in self.layer_kinds):
             raise ValueError(f"layer_kinds={self.layer_kinds} must name one mixer kind for each of the "
+                             f"{num_hidden_layers} layers")
+        if len(self.ffn_kinds) != num_hidden_layers or not all(isinstance(k, str) for k in self.ffn_kinds):
+            raise ValueError(f"ffn_kinds={self.ffn_kinds} must name one FFN kind for each of the "
                              f"{num_hidden_layers} layers")
         if sliding_window < 1:
             raise ValueError(f"sliding_window={sliding_window} counts the current token (HF convention), so it must "

@@ -44,6 +44,7 @@ from sbtrain.export.w8aspike_export import (
     w8a_total_bytes,
 )
 from sbtrain.models.build import build_model
+from sbtrain.models.ffn import FFNS
 from sbtrain.models.mixers import MIXERS
 from sbtrain.models.mixers.hf import HERE as MIXERS_HF
 from sbtrain.models.mixers.hf import exported_text
@@ -51,6 +52,7 @@ from sbtrain.models.model import CausalLM
 from sbtrain.models.weights import CONFIG, WeightsError, save_weights
 
 HERE = Path(__file__).resolve().parent
+SBTRAIN_ROOT = HERE.parent
 CODE_FILES = ("configuration_sbtrain.py", "modeling_sbtrain.py")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -69,8 +71,9 @@ def modeling_code() -> str:
     head, rest = template.split(MIXERS_BEGIN, 1)
     tail = rest.split(MIXERS_END, 1)[1]
     shared = [MIXERS_HF / "common.py", MIXERS_HF / "cache.py"]
-    files = list(dict.fromkeys([*shared, *(kind.export_code for kind in MIXERS.values())]))
-    parts = [f"# -- from sbtrain/models/mixers/hf/{f.name} --\n{exported_text(f)}" for f in files]
+    kinds = [*MIXERS.values(), *FFNS.values()]
+    files = list(dict.fromkeys([*shared, *(kind.export_code for kind in kinds)]))
+    parts = [f"# -- from {f.relative_to(SBTRAIN_ROOT.parent).as_posix()} --\n{exported_text(f)}" for f in files]
     return head + "\n\n".join(parts) + tail
 
 
@@ -124,6 +127,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": cfg.sliding_window + 1,  # HF counts the current token
         "layer_kinds": cfg.layer_types(),
+        "ffn_kinds": cfg.ffn_types(),
         "gla": plain["gla"],
         "hybrid": plain["hybrid"],
         "moe": plain["moe"],

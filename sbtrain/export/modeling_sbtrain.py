@@ -25,7 +25,7 @@ the last T columns of ``attention_mask`` are read; the cache remembers the earli
 
 from __future__ import annotations
 
-import math
+import math  # noqa: F401  (used by the mixers' and FFNs' code pasted below)
 from typing import ClassVar
 
 import torch
@@ -43,102 +43,18 @@ except ImportError:  # transformers 4.x initialises before loading, so plain tor
     hf_init = nn.init
 
 # --- sbtrain mixers: begin ---
-# In the package this imports the mixers' HF code; ``sbtrain-export`` replaces the lines from "begin"
-# to "end" with that code's text (``sbtrain/models/mixers/hf/``), so the export needs no sbtrain.
+# In the package this imports the mixers' and FFNs' HF code; ``sbtrain-export`` replaces the lines from
+# "begin" to "end" with that code's text (``sbtrain/models/mixers/hf/``, ``sbtrain/models/ffn/hf/``), so the
+# export needs no sbtrain.
+from sbtrain.models.ffn.hf import load_all as load_ffns
+from sbtrain.models.ffn.hf.moe import SbtrainMoE  # noqa: F401  (W8ASpike's variant subclasses it)
 from sbtrain.models.mixers.hf import load_all
 from sbtrain.models.mixers.hf.cache import SbtrainCache, position_ids_from
 from sbtrain.models.mixers.hf.common import SbtrainRMSNorm, rotary_cos_sin
 
 EXPORT_MIXERS = load_all()
+EXPORT_FFNS = load_ffns()
 # --- sbtrain mixers: end ---
-
-
-class SbtrainMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class SbtrainRouter(nn.Module):
-    def __init__(self, config: SbtrainConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(int(config.moe["num_experts"]), config.hidden_size))
-        self.register_buffer("expert_bias", torch.zeros(int(config.moe["num_experts"]), dtype=torch.float32))
-
-
-class SbtrainExperts(nn.Module):
-    """E SwiGLU experts stored ``[E, Din, Dout]`` (the transpose of an nn.Linear weight)."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
-        self.up_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
-        self.down_proj = nn.Parameter(torch.zeros(num_experts, intermediate_size, hidden_size))
-
-
-class SbtrainMoE(nn.Module):
-    """fp32 router and top-k; dropless, or each expert keeps its first ``ceil(cf * N * k / E)``
-    assignments in token order when ``capacity_factor`` is set (as sbtrain does)."""
-
-    def __init__(self, config: SbtrainConfig):
-        super().__init__()
-        self.cfg = moe = config.moe
-        size = moe.get("expert_intermediate_size") or config.intermediate_size
-        self.router = SbtrainRouter(config)
-        self.experts = SbtrainExperts(int(moe["num_experts"]), config.hidden_size, size)
-        shared = int(moe.get("num_shared_experts", 0))
-        self.shared_expert = SbtrainMLP(config.hidden_size, size * shared) if shared else None
-
-    # Hooks for variants (the W8ASpike export spikes these inputs and dequantizes the experts).
-    def router_input(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat
-
-    def expert_input(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
-
-    def expert_matrix(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The ``[E, Din, Dout]`` weight ``name`` (gate_proj / up_proj / down_proj)."""
-        return getattr(self.experts, name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg, shape = self.cfg, x.shape
-        flat = x.reshape(-1, shape[-1])
-        N, E, k = flat.shape[0], int(cfg["num_experts"]), int(cfg.get("top_k", 1))
-        logits = self.router_input(flat).float() @ self.router.weight.float().t()
-        scores = logits.softmax(-1) if cfg.get("router_activation", "softmax") == "softmax" else torch.sigmoid(logits)
-        select = scores + self.router.expert_bias if cfg.get("aux_free_balancing") else scores
-        chosen = select.topk(k, dim=-1).indices
-        weights = scores.gather(-1, chosen)
-        if cfg.get("norm_topk_prob"):
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        expert_ids = chosen.flatten()
-        order = torch.argsort(expert_ids, stable=True)
-        token_of = order // k
-        counts = torch.bincount(expert_ids, minlength=E)
-        if cfg.get("capacity_factor") is not None:
-            cap = math.ceil(cfg["capacity_factor"] * N * k / E)
-            starts = torch.cumsum(counts, 0) - counts
-            keep = torch.arange(order.numel(), device=x.device) - starts[expert_ids[order]] < cap
-            order, token_of, counts = order[keep], token_of[keep], counts.clamp(max=cap)
-        rows = self.expert_input(flat[token_of])
-        gate, up, down = (self.expert_matrix(name, x.dtype) for name in ("gate_proj", "up_proj", "down_proj"))
-        outputs, start = [], 0
-        for e, count in enumerate(counts.tolist()):
-            xe = rows[start:start + count]
-            outputs.append((F.silu(xe @ gate[e]) * (xe @ up[e])) @ down[e])
-            start += count
-        y_sorted = torch.cat(outputs) if outputs else rows
-        combine = torch.promote_types(y_sorted.dtype, torch.float32)
-        w = weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(flat).index_add(0, token_of, (y_sorted.to(combine) * w.to(combine)).to(flat.dtype))
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
-        return out.view(shape)
 
 
 class SbtrainDecoderLayer(nn.Module):
@@ -151,10 +67,11 @@ class SbtrainDecoderLayer(nn.Module):
         self.input_layernorm = SbtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = EXPORT_MIXERS[kind](config, kind)
         self.post_attention_layernorm = SbtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.is_moe_layer(index):
-            self.mlp = SbtrainMoE(config)
-        else:
-            self.mlp = SbtrainMLP(config.hidden_size, config.intermediate_size)
+        ffn = config.ffn_kinds[index]
+        if ffn not in EXPORT_FFNS:
+            raise ValueError(f"layer {index} has an FFN of kind {ffn!r}, which this modeling code does not have; it "
+                             f"has {sorted(EXPORT_FFNS)} (export again with the sbtrain that trained the model)")
+        self.mlp = EXPORT_FFNS[ffn](config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, real=None, cache=None) -> torch.Tensor:
         """``real``: ``[B,T]`` bool, False at padding (None: none); ``cache``: this layer's SbtrainLayerCache."""
@@ -176,14 +93,8 @@ class SbtrainPreTrainedModel(PreTrainedModel):
                 hf_init.zeros_(module.bias)
         elif isinstance(module, SbtrainRMSNorm):
             hf_init.ones_(module.weight)
-        elif hasattr(module, "init_own_weights"):  # a mixer's parameters outside Linear / RMSNorm
+        elif hasattr(module, "init_own_weights"):  # a mixer's or FFN's parameters outside Linear / RMSNorm
             module.init_own_weights(hf_init, std)
-        elif isinstance(module, SbtrainRouter):
-            hf_init.normal_(module.weight, std=std)
-            hf_init.zeros_(module.expert_bias)
-        elif isinstance(module, SbtrainExperts):
-            for p in (module.gate_proj, module.up_proj, module.down_proj):
-                hf_init.normal_(p, std=std)
 
 
 class SbtrainModel(SbtrainPreTrainedModel):

@@ -11,9 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sbtrain.config.model import ModelConfig
+from sbtrain.models.ffn import ffn_kind
 from sbtrain.models.layers import RMSNorm
 from sbtrain.models.model import CausalLM
-from sbtrain.models.moe import MoE
 from sbtrain.models.spiking import apply_spiking
 
 
@@ -160,16 +160,12 @@ def materialize(model: CausalLM, device: str | torch.device = "cpu") -> CausalLM
 def count_parameters(model: CausalLM) -> dict:
     """Total, active-per-token and embedding parameter counts (tied weights counted once).
 
-    Active = everything except the routed experts a token does not use: each MoE layer
-    contributes ``top_k / num_experts`` of its routed-expert parameters (router and shared
-    expert count fully).
+    Active = everything except what a token does not use, as each FFN kind declares it
+    (``FfnKind.inactive_params``: a MoE layer's routed experts beyond ``top_k / num_experts``;
+    router and shared expert count fully).
     """
     total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for moe in model.modules():
-        if isinstance(moe, MoE):
-            routed = sum(p.numel() for p in moe.experts.parameters())
-            inactive += routed - routed * moe.cfg.top_k // moe.cfg.num_experts
+    inactive = sum(ffn_kind(layer.ffn_kind).inactive_params(layer.mlp) for layer in model.model.layers)
     embedding = model.model.embed_tokens.weight.numel()
     lm_head = 0 if model.config.tie_embeddings else model.lm_head.weight.numel()
     return {

@@ -23,10 +23,10 @@ from operators import ops
 from parallel.context_parallel import ContextParallel
 from sbtrain.config.model import ModelConfig
 from sbtrain.models.cache import DecodeCache, LayerCache
-from sbtrain.models.layers import MLP, RMSNorm, Rotary, default_position_ids
+from sbtrain.models.ffn import ffn_kind
+from sbtrain.models.layers import RMSNorm, Rotary, default_position_ids
 from sbtrain.models.mixers import mixer_kind
 from sbtrain.models.mixers.base import MixerInputs
-from sbtrain.models.moe import MoE
 
 
 @dataclass
@@ -40,25 +40,19 @@ class CausalLMOutput:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, device=None, dtype=None):
         super().__init__()
-        self.kind = cfg.layer_types()[index]
-        self.is_moe = cfg.is_moe_layer(index)
+        self.kind = cfg.layer_types()[index]  # the mixer kind (sbtrain/models/mixers/)
+        self.ffn_kind = cfg.ffn_types()[index]  # the FFN kind (sbtrain/models/ffn/)
         kw = {"device": device, "dtype": dtype}
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = mixer_kind(self.kind).build(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        if self.is_moe:
-            self.mlp = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, **kw)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.mlp = ffn_kind(self.ffn_kind).build(cfg, **kw)
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.self_attn(self.input_layernorm(x), inputs)
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            y, aux = self.mlp(h)
-        else:
-            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
-        return x + y, aux
+        y = self.mlp(self.post_attention_layernorm(x))
+        y, aux = y if isinstance(y, tuple) else (y, None)  # an FFN with an auxiliary loss returns (y, aux)
+        return x + y, x.new_zeros((), dtype=torch.float32) if aux is None else aux
 
 
 class Decoder(nn.Module):
@@ -170,8 +164,9 @@ class CausalLM(nn.Module):
         logits = _at_least_fp32(self.lm_head(hidden)) if return_logits else None
         return CausalLMOutput(loss_sum, num_tokens, aux, logits)
 
-    def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+    def moe_layers(self) -> list[nn.Module]:
+        """The FFNs with routed experts (kinds declaring ``expert_parallel``): what parallel.ep shards."""
+        return [layer.mlp for layer in self.model.layers if ffn_kind(layer.ffn_kind).expert_parallel]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ Layout over the ``tp`` mesh (size P), with ``sequence_parallel=True``:
   rank-``gate_rank`` first Linear replicated, the second column-parallel (per KV head), the
   per-head output norm replicated. Hybrid: sink k/v ``[S,Hkv,D]`` sharded by KV head, betas by
   channel, per-head norms replicated, the separate-branch ``linear_*`` projections like q/k/v/o;
-- dense FFN: gate/up ``ColwiseParallel``, down ``RowwiseParallel``;
-- MoE FFN: run *replicated* on the gathered tokens (router, experts and shared expert as
-  ``Replicate`` DTensors, every rank doing the whole layer). Correct but redundant P-fold: expert
-  parallelism (the ``ep`` mesh dimension) is the efficient path for MoE layers;
+- FFNs: each FFN kind's own plan (``FfnKind.tensor_parallel``, ``sbtrain/models/ffn/``): the dense
+  SwiGLU gate/up ``ColwiseParallel``, down ``RowwiseParallel``; the MoE runs *replicated* on the
+  gathered tokens (every rank doing the whole layer: expert parallelism is its efficient path);
 - final norm ``SequenceParallel``, its output gathered to the full local sequence by a hook
   (:func:`gather_sequence`); lm_head ``ColwiseParallel`` (vocabulary rows sharded), and the model's
   ``head_loss`` replaced by :class:`VocabParallelHeadLoss`: the chunked cross-entropy on this rank's
@@ -43,8 +42,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
-    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -53,6 +50,7 @@ from torch.distributed.tensor.parallel import (
 from operators import ops
 from parallel import comm_stats
 from sbtrain.config.parallel import validate_tensor_parallel
+from sbtrain.models.ffn import ffn_kind
 from sbtrain.models.mixers import kind_of
 from sbtrain.models.tp_styles import ReplicatedCompute, ShardParameters
 
@@ -74,23 +72,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     })
     for block in model.model.layers:
         kind_of(block.self_attn).tensor_parallel(block.self_attn, tp_mesh, residual)  # the kind's own plan
-        plan = {"input_layernorm": norm_style}
-        plan["post_attention_layernorm"] = norm_style
-        if block.is_moe:
-            moe_plan = [ReplicatedCompute()]
-            if sequence_parallel:
-                moe_plan.insert(0, PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                                      use_local_output=True))
-                moe_plan.append(PrepareModuleOutput(output_layouts=(Replicate(), None),
-                                                    desired_output_layouts=(Shard(1), None)))
-            for style in moe_plan:  # the hooks stack in this order
-                parallelize_module(block.mlp, tp_mesh, style)
-        else:
-            plan.update({
-                "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel(output_layouts=residual),
-            })
+        ffn_kind(block.ffn_kind).tensor_parallel(block.mlp, tp_mesh, residual)  # the FFN kind's own plan
+        plan = {"input_layernorm": norm_style, "post_attention_layernorm": norm_style}
         parallelize_module(block, tp_mesh, plan)
     if cfg.tie_embeddings:  # both styles shard the vocabulary rows: one DTensor serves both
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -9,8 +9,8 @@ Dtypes: the residual stream is fp32 (fp32 embeddings, fp32 adds); under bf16 aut
 ``nn.Linear`` casts its input to bf16 on its own (q, k and v each save a bf16 copy of the normed
 input), while in fp32 the shared input is saved once. ``a`` is the matmul activation width (2 or 4
 bytes). Tensor parallelism: the mixer and FFN see the whole sequence (gathered) with ``1/tp`` of
-the heads / FFN columns; the norms see ``1/tp`` of the tokens (sequence parallel). MoE layers run
-replicated on the gathered tokens under TP.
+the heads / FFN columns; the norms see ``1/tp`` of the tokens (sequence parallel). Each mixer and FFN
+kind declares its own terms (``MixerKind.activations``, ``FfnKind.activations``).
 
 Workspace terms are the gradients and temporaries alive beside the saved set while a block runs
 its backward. Backward runs the FFN first: at its start everything the block saved is alive and the
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sbtrain.models.ffn import ffn_kind
 from sbtrain.models.mixers import mixer_kind
-from sbtrain.models.mixers.saved_bytes import CE_CHUNK, FP32, Shapes, lin_in, rms_saved
+from sbtrain.models.mixers.saved_bytes import CE_CHUNK, FP32, Shapes, rms_saved
 
 __all__ = ["FP32", "BlockActivations", "Shapes", "block_activations", "head_saved", "per_forward"]
 
@@ -34,44 +35,10 @@ def residual_norm(s: Shapes) -> int:
     return rms_saved(s.Nr * s.d, s.Nr, FP32)
 
 
-def mlp_saved(s: Shapes, inter: int, tokens: int, input_counted: bool = False) -> int:
-    """SwiGLU: the Linears' inputs, gate and up outputs (silu and the product save them), silu's
-    output, the product (down_proj's input): four [tokens, inter] tensors."""
-    x = 0 if (input_counted and s.a == FP32) else lin_in(s, 2, s.d, tokens)
-    return x + 4 * tokens * inter * s.a
-
-
-def mlp_workspace(s: Shapes, inter: int, tokens: int) -> int:
-    """The product's backward makes d(silu) and d(up) [tokens, inter] before the saved factors go."""
-    return 2 * tokens * inter * s.a
-
-
-def moe_saved(s: Shapes, moe, inter_e: int) -> tuple[int, int]:
-    """(saved, workspace) of a MoE FFN on N tokens (gathered under TP: replicated compute).
-
-    The router runs in fp32 on the fp32 normed input (saved), softmax scores, top-k ids, the sort
-    order and token index (int64), the z-loss's logits; the routed path runs in fp32 even under autocast (the grouped
-    GEMM is not autocast): gathered rows [N*k, d], four [N*k, I_e] SwiGLU tensors, the expert
-    output and its weighted copy, the combine weights. Expert parallelism moves rows, not sizes
-    (balanced routing assumed). The shared expert is a dense SwiGLU of num_shared x I_e columns."""
-    N, k, d = s.N, moe.top_k, s.d
-    nk = N * k
-    saved = (N * d * FP32 + N * moe.num_experts * FP32 + 3 * nk * 8 + nk * FP32
-             + 3 * nk * d * FP32 + 4 * nk * inter_e * FP32)
-    if moe.z_loss_coef:
-        saved += N * moe.num_experts * FP32 + N * FP32  # logsumexp(logits) saves the logits and its result
-    workspace = 2 * nk * inter_e * FP32 + nk * d * FP32  # SwiGLU gradients, d(expert output)
-    if moe.num_shared_experts:
-        shared = inter_e * moe.num_shared_experts
-        saved += mlp_saved(s, shared, N, input_counted=True)
-        workspace = max(workspace, mlp_workspace(s, shared, N))
-    return saved, workspace
-
-
 @dataclass
 class BlockActivations:
-    kind: str
-    moe: bool
+    kind: str  # the mixer kind
+    ffn: str  # the FFN kind
     saved: int  # everything the block keeps for backward without checkpointing (its input included)
     input: int  # the block input alone (what a checkpointed block keeps)
     workspace: int  # temporaries of its backward
@@ -81,20 +48,16 @@ class BlockActivations:
 def block_activations(s: Shapes, cfg, index: int, linear_local: int, copies: bool) -> BlockActivations:
     """One block without activation checkpointing: two residual norms (the block input is the first
     one's x), the mixer, the FFN; under bf16 autocast the weight casts its Linears save."""
-    kind, is_moe = cfg.layer_types()[index], cfg.is_moe_layer(index)
-    mixer, mixer_work = mixer_kind(kind).activations(s, cfg)  # the kind declares its own terms
+    kind, ffn_name = cfg.layer_types()[index], cfg.ffn_types()[index]
+    mixer, mixer_work = mixer_kind(kind).activations(s, cfg)  # each kind declares its own terms
     saved = 2 * residual_norm(s) + mixer
-    if is_moe:
-        ffn, ffn_work = moe_saved(s, cfg.moe, cfg.moe.expert_intermediate_size or cfg.intermediate_size)
-    else:
-        # Without TP the dense FFN's fp32 input is the post-norm output: not saved by the norm.
-        ffn, ffn_work = mlp_saved(s, s.inter, s.N), mlp_workspace(s, s.inter, s.N)
+    ffn, ffn_work = ffn_kind(ffn_name).activations(s, cfg)
     weight_copies = linear_local * 2 if copies else 0
     saved += ffn + weight_copies
     # The incoming gradient (residual stream) and the FFN's input gradient beside the larger of the
     # FFN's workspace and what the mixer's needs beyond the FFN's freed saved set.
     workspace = max(ffn_work, mixer_work - ffn) + s.N * s.d * FP32 + s.Nr * s.d * FP32
-    return BlockActivations(kind, is_moe, saved, s.Nr * s.d * FP32, workspace, weight_copies)
+    return BlockActivations(kind, ffn_name, saved, s.Nr * s.d * FP32, workspace, weight_copies)
 
 
 def per_forward(s: Shapes, rotary: bool) -> int:

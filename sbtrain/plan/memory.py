@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sbtrain.config.parallel import ParallelConfig, resolve_dims, validate_parallel
 from sbtrain.config.train import TrainerConfig
 from sbtrain.models.build import to_model_config
+from sbtrain.models.ffn import ffn_kind
 from sbtrain.models.mixers import layer_mixers
 from sbtrain.plan.activations import FP32, Shapes, block_activations, head_saved, per_forward
 from sbtrain.plan.params import plan_params, state_bytes
@@ -193,8 +194,10 @@ def plan_memory(model, world: int, parallel, trainer, device: str = "cuda") -> M
         notes.append(f"expert FSDP over more ranks than local experts: FSDP2 pads dim 0, so every rank stores whole "
                      f"experts; on average {plan.expert_padding * FP32 / GIB:.2f} GiB of this rank's parameters (and as much "
                      "of its gradients) is padding (TorchTitan shards experts on dim 1 then; parallel.fsdp does not yet)")
-    if any(b.moe for b in blocks):
-        notes.append("MoE: balanced routing assumed; routed experts compute in fp32 even under bf16 autocast")
+    for ffn in dict.fromkeys(b.ffn for b in blocks):  # each FFN kind present states its own assumption
+        note = ffn_kind(ffn).plan_note(mcfg)
+        if note:
+            notes.append(note)
     steady = {"params": state.params, "grads": state.grads, "optimizer": state.optimizer}
     return MemoryPlan(moments, peak, held, layout, steady, notes)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from sbtrain.config.parallel import ParallelDims
 from sbtrain.models.build import build_model
+from sbtrain.models.ffn import FfnKind, layer_ffns
 
 FP32 = 4
 # The state AdamW keeps per parameter tensor besides exp_avg / exp_avg_sq: its ``step`` (an fp32
@@ -55,17 +56,18 @@ class ParamPlan:
         return sum(g.rank for g in self.groups)
 
 
-def tp_split_dim(name: str, moe_block: bool) -> int | None:
-    """The dim the model's TP plan shards ``name`` along (None: replicated). Mirrors
-    ``sbtrain.models.parallelize.apply_tensor_parallel`` (the test suite checks it against it)."""
+def tp_split_dim(name: str, ffn: FfnKind | None) -> int | None:
+    """The dim the model's TP plan shards ``name`` along (None: replicated); ``ffn`` is the FFN kind of
+    the parameter's layer. Mirrors ``sbtrain.models.parallelize.apply_tensor_parallel`` (the test
+    suite checks it against it)."""
     leaf = name.rsplit(".", 1)[-1]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return 0  # vocabulary rows
-    if ".mlp." in name and moe_block:
-        return None  # MoE layers run replicated under TP
-    if any(f"{p}.{leaf}" in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+    if ".mlp." in name and ffn is not None:
+        return ffn.tp_split_dim(name.split(".mlp.", 1)[1])  # the FFN kind's own plan
+    if any(f"{p}.{leaf}" in name for p in ("q_proj", "k_proj", "v_proj")):
         return 0  # column-parallel: output features (weight rows, bias)
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith("o_proj.weight"):
         return 1  # row-parallel: input features
     if "gk_proj.1." in name:
         return 0  # the gate's second stage is column-parallel per KV head; the first is replicated
@@ -80,9 +82,9 @@ def _chunk(n: int, k: int) -> int:
     return math.ceil(n / k) if k > 1 else n
 
 
-def local_shape(name: str, shape: tuple[int, ...], moe_block: bool, dims: ParallelDims) -> tuple[int, ...]:
+def local_shape(name: str, shape: tuple[int, ...], ffn: FfnKind | None, dims: ParallelDims) -> tuple[int, ...]:
     shape = list(shape)
-    dim = tp_split_dim(name, moe_block) if dims.tp > 1 else None
+    dim = tp_split_dim(name, ffn) if dims.tp > 1 else None
     if dim is not None:
         shape[dim] = _chunk(shape[dim], dims.tp)
     if dims.ep > 1 and ".experts." in name:
@@ -109,6 +111,7 @@ def plan_params(model_cfg, dims: ParallelDims, engine: str = "fsdp"):
     """(ParamPlan, meta model) for ``model_cfg`` under ``dims``."""
     model = build_model(model_cfg, device="meta")
     cfg = model.config
+    ffns = layer_ffns(cfg)
     dense_shard, expert_shard = shard_sizes(dims, engine)
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     root = Group("root", sharded=dense_shard > 1)
@@ -117,8 +120,7 @@ def plan_params(model_cfg, dims: ParallelDims, engine: str = "fsdp"):
     plan = ParamPlan(root, blocks, experts)
     for name, p in model.named_parameters():  # tied weights appear once
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        moe_block = layer is not None and cfg.is_moe_layer(layer)
-        shape = local_shape(name, tuple(p.shape), moe_block, dims)
+        shape = local_shape(name, tuple(p.shape), None if layer is None else ffns[layer], dims)
         group = root if layer is None else blocks[layer]
         shard = dense_shard
         if ".experts." in name and dims.ep > 1:

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from sbtrain.models.ffn.moe import Experts, Router
 from sbtrain.models.mixers import mixer_kind
 from sbtrain.models.mixers.attention import mean_context
-from sbtrain.models.moe import Experts, Router
 
 PJ = {"fp16_mac": 1.5, "int8_mac": 0.23, "int8_add": 0.03}
 

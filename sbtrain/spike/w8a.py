@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sbtrain.config.model import ConfigError
-from sbtrain.models.moe import Experts
+from sbtrain.models.ffn.moe import Experts
 from sbtrain.models.spiking import apply_spiking
 
 GROUP_SIZE = 128

@@ -109,7 +109,7 @@ class ModelStatsCallback(Callback):
             self._arm(trainer.model)
 
     def _arm(self, model: torch.nn.Module) -> None:
-        from sbtrain.models.moe import MoE
+        from sbtrain.models.ffn.moe import MoE
 
         self.decay, self.moe, self.spikes, self.grad_norms = {}, {}, {}, {}
         self.armed = True

@@ -19,8 +19,8 @@ import torch
 
 from sbtrain.config.model import MoEConfig
 from sbtrain.convert.upcycle import upcycle_factors, upcycle_moe_state
+from sbtrain.models.ffn.moe import MoE
 from sbtrain.models.layers import MLP
-from sbtrain.models.moe import MoE
 
 D, I = 16, 24  # hidden and intermediate width
 

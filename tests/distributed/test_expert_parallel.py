@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from parallel import comm_stats
 from parallel.expert_parallel import shard_experts
 from sbtrain.config.model import MoEConfig
-from sbtrain.models.moe import MoE
+from sbtrain.models.ffn.moe import MoE
 from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbtrain.models.moe import MoE
+from sbtrain.models.ffn.moe import MoE
 from tests.models.helpers import tiny_model
 
 SMALL = ["model.num_layers=2", "model.sliding_window=5", "model.vocab_size=512"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sbtrain.config.model import MoEConfig
-from sbtrain.models.moe import MoE, Router
+from sbtrain.models.ffn.moe import MoE, Router
 
 D, FFN = 16, 24
 

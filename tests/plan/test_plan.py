@@ -14,6 +14,7 @@ from sbtrain.config.model import ConfigError, HybridConfig, ModelConfig, MoEConf
 from sbtrain.config.parallel import ParallelConfig, resolve_dims
 from sbtrain.config.train import TrainerConfig
 from sbtrain.models.build import build_model
+from sbtrain.models.ffn import layer_ffns
 from sbtrain.plan import plan_memory
 from sbtrain.plan.activations import Shapes, block_activations, head_saved, per_forward
 from sbtrain.plan.params import local_shape, plan_params
@@ -56,9 +57,12 @@ def test_tp2_halves_exactly_the_sharded_projections():
     cfg = tiny("sb76b", vocab_size=96, hybrid=HybridConfig(num_sink_tokens=3, share_branch_projections=False))
     dims1, dims2 = resolve_dims(ParallelConfig(), 1), resolve_dims(ParallelConfig(tp=2), 2)
     sharded = ("q_proj", "k_proj", "v_proj", "o_proj", "gk_proj.1", "sink_", "beta_", "embed_tokens", "lm_head")
+    ffns = layer_ffns(cfg)
+    assert [f.name for f in ffns] == ["dense", "moe"]  # layer 1's MoE runs replicated under TP
     for name, p in build_model(cfg, device="meta").named_parameters():
-        moe = name.startswith("model.layers.1.mlp")  # layer 0 is dense, layer 1 MoE (replicated under TP)
-        one, two = (torch.Size(local_shape(name, tuple(p.shape), moe, d)).numel() for d in (dims1, dims2))
+        moe = name.startswith("model.layers.1.mlp")
+        ffn = ffns[int(name.split(".")[2])] if name.startswith("model.layers.") else None
+        one, two = (torch.Size(local_shape(name, tuple(p.shape), ffn, d)).numel() for d in (dims1, dims2))
         dense_ffn = ".mlp." in name and not moe and "norm" not in name
         expected = one // 2 if any(s in name for s in sharded) or dense_ffn else one
         assert two == expected, name

@@ -22,7 +22,7 @@ from sbtrain.config.observe import EvalObserveConfig, ObserveConfig, SlowRankCon
 from sbtrain.config.train import OptimConfig, TrainerConfig
 from sbtrain.eval.callback import EvalCallback
 from sbtrain.models import build_model
-from sbtrain.models.moe import MoE
+from sbtrain.models.ffn.moe import MoE
 from sbtrain.models.spiking import SpikeInput
 from sbtrain.trainer.callbacks import Callback, JSONLMetrics
 from sbtrain.trainer.model_stats import group_of

@@ -11,6 +11,7 @@ from torch import nn
 
 # --- exported code below ---
 EXPORT_MIXERS: dict = {}  # layer kind -> class built as cls(config, kind)
+EXPORT_FFNS: dict = {}  # FFN kind -> class built as cls(config) (sbtrain/models/ffn/hf/)
 
 
 def export_mixer(*kinds: str):
@@ -18,6 +19,14 @@ def export_mixer(*kinds: str):
     def register(cls):
         for kind in kinds:
             EXPORT_MIXERS[kind] = cls
+        return cls
+    return register
+
+
+def export_ffn(kind: str):
+    """Class decorator: the HF-side FFN of ``kind``."""
+    def register(cls):
+        EXPORT_FFNS[kind] = cls
         return cls
     return register
 

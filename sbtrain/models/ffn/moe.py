@@ -27,14 +27,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, parallelize_module
 
 from operators import ops
 from parallel import expert_parallel
-from sbtrain.config.model import MoEConfig
+from sbtrain.config.model import ModelConfig, MoEConfig
+from sbtrain.models.ffn.dense import mlp_saved, mlp_workspace
+from sbtrain.models.ffn.registry import FfnKind, register
 from sbtrain.models.layers import MLP
+from sbtrain.models.mixers.saved_bytes import FP32, Shapes
+from sbtrain.models.tp_styles import ReplicatedCompute
 
 
 @dataclass
@@ -198,4 +205,87 @@ def routed_expert_fraction(cfg: MoEConfig) -> float:
     return cfg.top_k / cfg.num_experts if cfg.num_experts else 0.0
 
 
-__all__ = ["Experts", "MoE", "Router", "Routing", "routed_expert_fraction"]
+def _build(cfg: ModelConfig, device=None, dtype=None) -> MoE:
+    return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, device=device, dtype=dtype)
+
+
+def _tensor_parallel(moe: MoE, tp_mesh, residual) -> None:
+    """Run *replicated* on the gathered tokens (router, experts and shared expert as ``Replicate``
+    DTensors, every rank doing the whole layer): correct but redundant tp-fold; expert parallelism
+    is the efficient path for MoE layers."""
+    styles = [ReplicatedCompute()]
+    if residual.is_shard():  # sequence parallel: gather the sequence in, scatter it back out
+        styles.insert(0, PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                            use_local_output=True))
+        styles.append(PrepareModuleOutput(output_layouts=(Replicate(), None), desired_output_layouts=(residual, None)))
+    for style in styles:  # the hooks stack in this order
+        parallelize_module(moe, tp_mesh, style)
+
+
+def moe_saved(s: Shapes, cfg: ModelConfig) -> tuple[int, int]:
+    """(saved, workspace) of a MoE FFN on N tokens (gathered under TP: replicated compute).
+
+    The router runs in fp32 on the fp32 normed input (saved), softmax scores, top-k ids, the sort
+    order and token index (int64), the z-loss's logits; the routed path runs in fp32 even under autocast (the grouped
+    GEMM is not autocast): gathered rows [N*k, d], four [N*k, I_e] SwiGLU tensors, the expert
+    output and its weighted copy, the combine weights. Expert parallelism moves rows, not sizes
+    (balanced routing assumed). The shared expert is a dense SwiGLU of num_shared x I_e columns."""
+    moe, inter_e = cfg.moe, cfg.moe.expert_intermediate_size or cfg.intermediate_size
+    N, k, d = s.N, moe.top_k, s.d
+    nk = N * k
+    saved = (N * d * FP32 + N * moe.num_experts * FP32 + 3 * nk * 8 + nk * FP32
+             + 3 * nk * d * FP32 + 4 * nk * inter_e * FP32)
+    if moe.z_loss_coef:
+        saved += N * moe.num_experts * FP32 + N * FP32  # logsumexp(logits) saves the logits and its result
+    workspace = 2 * nk * inter_e * FP32 + nk * d * FP32  # SwiGLU gradients, d(expert output)
+    if moe.num_shared_experts:
+        shared = inter_e * moe.num_shared_experts
+        saved += mlp_saved(s, shared, N, input_counted=True)
+        workspace = max(workspace, mlp_workspace(s, shared, N))
+    return saved, workspace
+
+
+def _inactive_params(moe: MoE) -> int:
+    routed = sum(p.numel() for p in moe.experts.parameters())
+    return routed - routed * moe.cfg.top_k // moe.cfg.num_experts
+
+
+def _upcycled_from(name: str) -> tuple[str, str] | None:
+    """Routed and shared experts start as scaled copies of the teacher's dense FFN (sbtrain.convert.upcycle)."""
+    for prefix, role in (("experts.", "routed"), ("shared_expert.", "shared")):
+        if name.startswith(prefix):
+            which = name.removeprefix(prefix).split(".")[0]  # gate_proj / up_proj / down_proj
+            return f"{which}.weight", role
+    return None
+
+
+def _info(cfg: ModelConfig) -> dict:
+    moe = cfg.moe
+    return {"moe": {
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "num_shared_experts": moe.num_shared_experts,
+        "expert_intermediate_size": moe.expert_intermediate_size or cfg.intermediate_size,
+        "moe_layers": [i for i, kind in enumerate(cfg.ffn_types()) if kind == "moe"],
+        "dense_layers": sorted(moe.dense_layers),
+        "router_activation": moe.router_activation,
+        "capacity_factor": moe.capacity_factor,
+    }}
+
+
+register(FfnKind(
+    name="moe",
+    summary="Mixture-of-Experts: fp32 router, top-k routed SwiGLU experts, optional shared expert",
+    build=_build,
+    tensor_parallel=_tensor_parallel,
+    tp_split_dim=lambda name: None,  # replicated under TP (above)
+    activations=moe_saved,
+    export_code=Path(__file__).parent / "hf" / "moe.py",
+    inactive_params=_inactive_params,
+    upcycled_from=_upcycled_from,
+    info=_info,
+    plan_note=lambda cfg: "MoE: balanced routing assumed; routed experts compute in fp32 even under bf16 autocast",
+    expert_parallel=True,
+))
+
+__all__ = ["Experts", "MoE", "Router", "Routing", "moe_saved", "routed_expert_fraction"]
